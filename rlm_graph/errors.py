@@ -39,10 +39,15 @@ class SourceError(RlmGraphError, ValueError):
 class ModelCallError(RlmGraphError):
     """A model call failed after its retries and fallbacks."""
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool = False, systemic: bool = False
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         """Whether trying the same call later might succeed."""
+        self.systemic = systemic
+        """Whether every other call would fail the same way (bad key, unknown
+        model): the run stops instead of marking one task failed."""
 
 
 class ContextWindowError(ModelCallError):

@@ -1,0 +1,114 @@
+"""The run configuration: one pydantic model fed by flags, environment and code.
+
+This is the only module that reads ``os.environ`` for rlm-graph settings. Every
+setting can come from a keyword argument, a CLI flag, or an ``RLM_GRAPH_*``
+environment variable (for example ``RLM_GRAPH_MODEL``); explicit values win.
+Provider settings (``OPENAI_API_KEY``, ``OLLAMA_API_BASE`` ...) stay LiteLLM's
+business and are read by LiteLLM itself.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["AnswerKind", "RunConfig"]
+
+AnswerKind = Literal["auto", "text", "list", "count"]
+
+
+class RunConfig(BaseSettings):
+    """How a run reads its source and which models it calls.
+
+    Unknown keys are rejected, so a misspelt setting fails loudly instead of
+    being ignored (a silently ignored concurrency limit is a known failure of
+    tools like this one).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="RLM_GRAPH_",
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_assignment=True,
+        protected_namespaces=(),
+    )
+
+    model: str | None = None
+    """Root model (plans, merges free text). A LiteLLM model name; none means the
+    embedded model."""
+
+    worker_model: str | None = None
+    """Worker model (leaf calls). Defaults to ``model``."""
+
+    api_base: str | None = None
+    """Base URL for an OpenAI-compatible, Ollama or vLLM server, for both roles."""
+
+    api_key: SecretStr | None = None
+    """API key for ``api_base``. Usually better left to the provider's own
+    environment variable (``OPENAI_API_KEY`` ...)."""
+
+    max_depth: int = Field(default=4, ge=1, le=16)
+    """Deepest level of the recursion tree (the root is depth 0)."""
+
+    chunk_tokens: int | None = Field(default=None, ge=16)
+    """Largest span, in tokens, a leaf call reads. Default: what fits the worker's
+    window after instructions and the output reserve."""
+
+    overlap_tokens: int = Field(default=32, ge=0)
+    """Tokens shared by neighbouring spans, so evidence on a boundary is seen whole."""
+
+    fan_out: int = Field(default=8, ge=2, le=256)
+    """Most children one split makes above the last level."""
+
+    fan_in: int = Field(default=8, ge=2, le=64)
+    """Most child answers one free-text merge call reads."""
+
+    concurrency: int = Field(default=8, ge=1, le=1024)
+    """Most model calls in flight at once, over the whole run."""
+
+    kind: AnswerKind = "auto"
+    """Answer kind: free text, a list of items or a count; ``auto`` guesses it
+    from the question."""
+
+    max_output_tokens: int = Field(default=384, ge=16)
+    """Output tokens reserved for each model call."""
+
+    context_window: int | None = Field(default=None, ge=256)
+    """Worker context window in tokens, for models LiteLLM does not know."""
+
+    timeout_s: float = Field(default=300.0, gt=0)
+    """Timeout of one model call attempt, in seconds."""
+
+    max_retries: int = Field(default=3, ge=0, le=20)
+    """Retries of a model call after a transient error (rate limit, 5xx, timeout)."""
+
+    verify_retries: int = Field(default=1, ge=0, le=5)
+    """Re-asks, with the reason, of an answer that fails verification before the
+    task is split finer."""
+
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    """Sampling temperature for every call."""
+
+    encoding: str = "utf-8"
+    """Text encoding of the source files."""
+
+    @field_validator("model", "worker_model", "api_base")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None
+        return value
+
+    @property
+    def root_model(self) -> str:
+        """The model name used for the root role."""
+        from rlm_graph.local import DEFAULT_LOCAL_MODEL
+
+        return self.model or DEFAULT_LOCAL_MODEL
+
+    @property
+    def leaf_model(self) -> str:
+        """The model name used for the worker role."""
+        return self.worker_model or self.root_model

@@ -1,0 +1,163 @@
+"""The LangGraph state machine of a run: plan → split → delegate → verify → merge.
+
+The root task goes through the five stages as graph nodes, so the machine is
+visible when drawn (``build_graph(...).get_graph()``) and every stage boundary
+is a checkpoint. Below the root, each child task runs the same stage functions
+inside a durable LangGraph ``@task`` (``solve``), and every model call is its
+own ``@task`` (``model_call``): a subtree never waits for a slow sibling, a
+parent merges exactly once when its children are done, and a finished call is
+stored the moment it returns. STACK-FINDINGS.md sections 8 and 9 measured this
+shape (H2b) against four others; it was the only one with both independent
+subtrees and no lost results across kills. ``docs/design.md`` has our figures.
+
+Graph state holds spans, small answers and counters, never source text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, TypedDict
+
+from langgraph.func import task as durable_task
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import Command
+
+from rlm_graph.models import Role
+from rlm_graph.nodes.delegate import CallResult, Decision, Engine
+from rlm_graph.nodes.types import Outcome, Task
+
+__all__ = ["RunState", "build_graph"]
+
+
+class RunState(TypedDict, total=False):
+    """What the graph checkpoints between stages (all of it small)."""
+
+    question: str
+    plan: dict[str, Any]
+    task: dict[str, Any]
+    """The root task (a span, not its text)."""
+    children: list[dict[str, Any]]
+    """Child tasks made by split; empty when the root is one leaf call."""
+    finer: bool
+    """Split again, finer, after the root's leaf call failed."""
+    attempts: int
+    re_asks: int
+    feedback: str | None
+    max_tokens: int
+    reply: dict[str, Any] | None
+    decision: dict[str, Any] | None
+    outcomes: list[dict[str, Any]]
+    outcome: dict[str, Any] | None
+
+
+def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
+    """Compile the state machine of one run around its engine.
+
+    Args:
+        engine: the run's stage functions (source, plan, model client).
+        checkpointer: a LangGraph saver; None runs without persistence.
+    """
+
+    @durable_task
+    async def model_call(
+        role: Role, messages: list[dict[str, str]], max_tokens: int, schema: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        result = await engine.call_model(role, messages, max_tokens, schema)
+        return result.to_dict()
+
+    @durable_task
+    async def solve(task: dict[str, Any]) -> dict[str, Any]:
+        outcome = await engine.solve(Task.model_validate(task))
+        return outcome.model_dump(mode="json")
+
+    async def durable_call(
+        role: Role, messages: list[dict[str, str]], max_tokens: int, schema: dict[str, Any] | None
+    ) -> CallResult:
+        return CallResult.from_dict(await model_call(role, messages, max_tokens, schema))
+
+    async def durable_spawn(task: Task) -> Outcome:
+        return Outcome.model_validate(await solve(task.model_dump(mode="json")))
+
+    engine.call = durable_call
+    engine.spawn = durable_spawn
+
+    async def plan(state: RunState) -> dict[str, Any]:
+        root = Task(
+            id="0", start=0, end=len(engine.source.text), depth=0,
+            question=engine.plan.question, tokens=engine.plan.source_tokens,
+        )
+        return {
+            "plan": engine.plan.model_dump(mode="json"),
+            "task": root.model_dump(mode="json"),
+            "attempts": 0, "re_asks": 0, "feedback": None,
+            "max_tokens": engine.plan.output_tokens, "finer": False,
+        }
+
+    async def split(state: RunState) -> dict[str, Any]:
+        root = Task.model_validate(state["task"])
+        children = engine.split(root, finer=state.get("finer", False))
+        return {"children": [c.model_dump(mode="json") for c in children]}
+
+    async def delegate(state: RunState) -> dict[str, Any]:
+        children = [Task.model_validate(c) for c in state.get("children") or []]
+        if children:
+            outcomes = await asyncio.gather(*(engine.spawn(child) for child in children))
+            return {"outcomes": [o.model_dump(mode="json") for o in outcomes]}
+        root = Task.model_validate(state["task"])
+        result = await engine.leaf_attempt(
+            root, feedback=state.get("feedback"), max_tokens=state["max_tokens"]
+        )
+        return {"reply": result.to_dict(), "attempts": state.get("attempts", 0) + 1}
+
+    async def verify(state: RunState) -> Command[Any]:
+        if state.get("children"):
+            return Command(goto="merge")
+        root = Task.model_validate(state["task"])
+        decision = engine.decide(
+            root, CallResult.from_dict(state["reply"] or {}),
+            max_tokens=state["max_tokens"], re_asks=state.get("re_asks", 0),
+        )
+        if decision.action == "retry":
+            return Command(goto="delegate", update={
+                "feedback": decision.feedback, "max_tokens": decision.max_tokens,
+                "re_asks": state.get("re_asks", 0) + (1 if decision.feedback else 0),
+            })
+        if decision.action == "split" and not state.get("finer"):
+            return Command(goto="split", update={"finer": True})
+        return Command(goto="merge", update={"decision": _decision_dict(decision)})
+
+    async def merge(state: RunState) -> dict[str, Any]:
+        root = Task.model_validate(state["task"])
+        if state.get("children"):
+            outcomes = [Outcome.model_validate(o) for o in state.get("outcomes") or []]
+            outcome = await engine.merge(root, outcomes)
+        else:
+            decision = Decision(**(state.get("decision") or {"action": "fail"}))
+            if decision.action == "split":
+                decision = Decision("fail", verdict=decision.verdict, reason=decision.reason)
+            outcome = await engine.conclude(root, decision, state.get("attempts", 0))
+        return {"outcome": outcome.model_dump(mode="json")}
+
+    builder = StateGraph(RunState)
+    builder.add_node("plan", plan)
+    builder.add_node("split", split)
+    builder.add_node("delegate", delegate)
+    builder.add_node("verify", verify, destinations=("delegate", "split", "merge"))
+    builder.add_node("merge", merge)
+    builder.add_edge(START, "plan")
+    builder.add_edge("plan", "split")
+    builder.add_edge("split", "delegate")
+    builder.add_edge("delegate", "verify")
+    builder.add_edge("merge", END)
+
+    return builder.compile(checkpointer=checkpointer, name="rlm-graph")
+
+
+def _decision_dict(decision: Decision) -> dict[str, Any]:
+    answer = decision.answer.model_dump(mode="json") if decision.answer else None
+    return {
+        "action": decision.action, "answer": answer, "verdict": decision.verdict,
+        "feedback": decision.feedback, "max_tokens": decision.max_tokens,
+        "reason": decision.reason,
+    }

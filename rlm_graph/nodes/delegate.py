@@ -1,0 +1,365 @@
+"""Delegate: give each piece its own task, and run a task's whole lifecycle.
+
+:class:`Engine` holds the stage functions every task goes through: split its
+span, call the worker on a leaf, verify the reply, decide what to do next
+(accept, ask again with the reason, give more output room, split finer, or
+give up), and merge the children's answers. The root task runs these stages as
+nodes of the LangGraph state machine (:mod:`rlm_graph.graph`); every task below
+it runs them in :meth:`Engine.solve`, as durable LangGraph tasks, so that one
+subtree never waits for a slow sibling and each finished call survives a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from rlm_graph.config import RunConfig
+from rlm_graph.errors import ContextWindowError, ModelCallError
+from rlm_graph.models import Completion, ModelClient, Role
+from rlm_graph.nodes.merge import (
+    dedupe_text,
+    merge_count,
+    merge_evidence,
+    merge_list,
+    usable_answers,
+)
+from rlm_graph.nodes.plan import MIN_LEAF_TOKENS, piece_budget
+from rlm_graph.nodes.prompts import MERGE_SCHEMA, leaf_messages, merge_messages, schema_for
+from rlm_graph.nodes.types import Answer, Outcome, Plan, Task
+from rlm_graph.nodes.verify import Verdict, parse_json_reply, verify_leaf
+from rlm_graph.source import Source
+from rlm_graph.split import split_span
+
+__all__ = ["CallResult", "Decision", "Engine", "Event"]
+
+logger = logging.getLogger(__name__)
+
+_META_ANSWER = re.compile(
+    r"(existing|original|previous) answer|already (complete|appropriate)|no change",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Progress of a run, for displays and logs."""
+
+    kind: Literal["task_started", "task_done", "call_done"]
+    task_id: str = ""
+    depth: int = 0
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """A model call's result as stored: a completion or a per-task failure."""
+
+    completion: Completion | None = None
+    error: Literal["context", "failed"] | None = None
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain-dict form that every checkpointer can store."""
+        from dataclasses import asdict
+
+        done = asdict(self.completion) if self.completion else None
+        return {"completion": done, "error": self.error, "message": self.message}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CallResult:
+        """Rebuild from :meth:`to_dict` output."""
+        done = data.get("completion")
+        return cls(
+            completion=Completion(**done) if done else None,
+            error=data.get("error"),
+            message=data.get("message", ""),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do after a leaf reply has been verified."""
+
+    action: Literal["accept", "retry", "split", "fail"]
+    answer: Answer | None = None
+    verdict: str = "ok"
+    feedback: str | None = None
+    max_tokens: int = 0
+    reason: str | None = None
+
+
+CallFn = Callable[[Role, list[dict[str, str]], int, dict[str, Any] | None], Awaitable[CallResult]]
+SpawnFn = Callable[[Task], Awaitable[Outcome]]
+
+
+class Engine:
+    """The stage functions of a run, shared by the graph nodes and the recursion.
+
+    Args:
+        source: the run's input.
+        config: the run configuration.
+        plan: the plan made for this run.
+        client: the model client (the only way to a model).
+        emit: receives progress events.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        config: RunConfig,
+        plan: Plan,
+        client: ModelClient,
+        emit: Callable[[Event], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.config = config
+        self.plan = plan
+        self.client = client
+        self._emit = emit or (lambda event: None)
+        self.call: CallFn = self.call_model
+        """How stages call a model; the graph swaps in a durable task."""
+        self.spawn: SpawnFn = self.solve
+        """How a task starts a child; the graph swaps in a durable task."""
+
+    # -- split --------------------------------------------------------------
+
+    def count(self, start: int, end: int) -> int:
+        """Worker-tokenizer length of a span."""
+        return self.client.count_tokens("worker", self.source.text[start:end])
+
+    def split(self, task: Task, *, finer: bool = False) -> list[Task]:
+        """Cut a task's span into child tasks; none when it fits one leaf call.
+
+        Args:
+            task: the task to cut.
+            finer: cut even a span that fits, into pieces of about half its
+                size (after a failure that smaller pieces may avoid).
+        """
+        if not finer and task.tokens <= self.plan.leaf_tokens:
+            return []
+        if finer:
+            budget = max(MIN_LEAF_TOKENS, (task.tokens + 1) // 2)
+        else:
+            budget = piece_budget(self.plan, task)
+        overlap = min(self.plan.overlap_tokens, budget // 4)
+        spans = split_span(
+            self.source.text, task.start, task.end,
+            max_tokens=budget,
+            count_tokens=lambda text: self.client.count_tokens("worker", text),
+            overlap_tokens=overlap,
+            hard_boundaries=self.source.file_starts,
+        )
+        if len(spans) < 2:
+            return []
+
+        return [
+            Task(
+                id=f"{task.id}.{index}", start=start, end=end, depth=task.depth + 1,
+                question=self.plan.sub_question, tokens=self.count(start, end),
+            )
+            for index, (start, end) in enumerate(spans)
+        ]
+
+    def can_split_finer(self, task: Task) -> bool:
+        """Whether a failing leaf may still be cut into smaller pieces."""
+        return task.depth < self.plan.max_depth and task.tokens >= 2 * MIN_LEAF_TOKENS
+
+    # -- delegate -------------------------------------------------------------
+
+    async def leaf_attempt(
+        self, task: Task, *, feedback: str | None, max_tokens: int
+    ) -> CallResult:
+        """Ask the worker about one span, after checking the request fits."""
+        location = self.source.locate(task.start)
+        messages = leaf_messages(
+            self.plan.kind, task, self.source.text[task.start : task.end],
+            feedback=feedback, file_hint=location.file.name,
+        )
+        prompt_tokens = self.client.count_tokens("worker", "\n".join(m["content"] for m in messages))
+        if prompt_tokens + max_tokens > self.plan.window:
+            # Pre-flight: never send a request the window cannot hold (K10, K18).
+            return CallResult(error="context", message=(
+                f"request of {prompt_tokens}+{max_tokens} tokens exceeds the "
+                f"{self.plan.window}-token window"
+            ))
+        return await self.call("worker", messages, max_tokens, schema_for(self.plan.kind))
+
+    async def call_model(
+        self,
+        role: Role,
+        messages: list[dict[str, str]],
+        max_tokens: int,
+        schema: dict[str, Any] | None,
+    ) -> CallResult:
+        """Make one model call; per-task failures come back as a result.
+
+        Failures that another call could not fix either (the server is
+        unreachable, the key is wrong) are raised: the run stops, resumable.
+        """
+        try:
+            completion = await self.client.complete(role, messages, max_tokens=max_tokens, schema=schema)
+        except ContextWindowError as exc:
+            return CallResult(error="context", message=str(exc))
+        except ModelCallError as exc:
+            if exc.retryable or exc.systemic:
+                raise
+            return CallResult(error="failed", message=str(exc))
+        return CallResult(completion=completion)
+
+    # -- verify -----------------------------------------------------------------
+
+    def decide(self, task: Task, result: CallResult, *, max_tokens: int, re_asks: int) -> Decision:
+        """Verify a leaf reply and choose the next step.
+
+        Args:
+            task: the leaf task.
+            result: what the call returned.
+            max_tokens: the output limit the call had.
+            re_asks: how many times this leaf was already asked again with feedback.
+        """
+        if result.error == "context":
+            return self._split_or_fail(task, "context-window", result.message)
+        if result.error or result.completion is None:
+            return Decision("fail", verdict="failed", reason=result.message)
+
+        verdict: Verdict = verify_leaf(self.source.text, task, self.plan.kind, result.completion)
+        if verdict.ok:
+            return Decision("accept", answer=verdict.answer, verdict="ok")
+        if verdict.code == "truncated" and max_tokens < self.plan.max_output_tokens:
+            more = min(2 * max_tokens, self.plan.max_output_tokens)
+            return Decision("retry", verdict="truncated", feedback=None, max_tokens=more)
+        if re_asks < self.config.verify_retries:
+            return Decision("retry", verdict=verdict.code, feedback=verdict.feedback, max_tokens=max_tokens)
+        if verdict.code == "no-evidence" and not self.can_split_finer(task):
+            # An answer its own span does not support is dropped, not merged.
+            return Decision("accept", answer=Answer(kind=self.plan.kind, found=False), verdict="unsupported")
+        return self._split_or_fail(task, verdict.code, f"reply {verdict.code} after {re_asks + 1} tries")
+
+    def _split_or_fail(self, task: Task, verdict: str, reason: str) -> Decision:
+        if self.can_split_finer(task):
+            return Decision("split", verdict=verdict, reason=reason)
+        return Decision("fail", verdict=verdict, reason=reason)
+
+    # -- merge ------------------------------------------------------------------
+
+    async def merge(self, task: Task, children: list[Outcome]) -> Outcome:
+        """Combine children's outcomes into the parent's outcome."""
+        answers = usable_answers(children)
+        if self.plan.kind == "list":
+            answer = merge_list(answers)
+        elif self.plan.kind == "count":
+            answer = merge_count(answers)
+        elif len(answers := dedupe_text(answers)) <= 1:
+            answer = answers[0] if answers else Answer(kind="text", found=False)
+        else:
+            answer = await self._merge_text(answers)
+
+        failed = all(child.status == "failed" for child in children)
+        return Outcome(
+            task=task, answer=answer,
+            status="failed" if failed else "done",
+            verdict="ok", children=tuple(children),
+            reason="every part failed" if failed else None,
+        )
+
+    async def _merge_text(self, answers: list[Answer]) -> Answer:
+        while len(answers) > 1:
+            groups = self._merge_groups(answers)
+            answers = list(await asyncio.gather(*(self._merge_group(g) for g in groups)))
+        return answers[0]
+
+    def _merge_groups(self, answers: list[Answer]) -> list[list[Answer]]:
+        """Pack answers into groups of at most fan_in that fit the root's window."""
+        limit = int(self.plan.window * 0.6)
+        groups: list[list[Answer]] = [[]]
+        size = 0
+        for answer in answers:
+            tokens = self.client.count_tokens("root", answer.text or "") + 8
+            if groups[-1] and (len(groups[-1]) >= self.plan.fan_in or size + tokens > limit):
+                groups.append([])
+                size = 0
+            groups[-1].append(answer)
+            size += tokens
+        return groups
+
+    async def _merge_group(self, group: list[Answer]) -> Answer:
+        if len(group) == 1:
+            return group[0]
+        messages = merge_messages(self.plan.question, [a.text or "" for a in group])
+        evidence = merge_evidence(group)
+        for _ in range(2):
+            result = await self.call("root", messages, self.plan.max_output_tokens, MERGE_SCHEMA)
+            text = _merged_text(result)
+            if text:
+                return Answer(kind="text", found=True, text=text, evidence=evidence)
+        # The model gave no usable merge: keep every partial answer rather than
+        # losing any (K11); the result says so in the answer itself.
+        logger.warning("text merge failed twice; joining %d partial answers", len(group))
+        joined = " | ".join(a.text or "" for a in group)
+        return Answer(kind="text", found=True, text=joined, evidence=evidence)
+
+    # -- the lifecycle of one task ----------------------------------------------
+
+    async def solve(self, task: Task) -> Outcome:
+        """Run split, delegate, verify and merge for one task and its subtree."""
+        self._emit(Event("task_started", task.id, task.depth, {"tokens": task.tokens}))
+        children = self.split(task)
+        if children:
+            outcome = await self.solve_children(task, children)
+        else:
+            outcome = await self.solve_leaf(task)
+        self._emit(Event("task_done", task.id, task.depth, {"status": outcome.status}))
+
+        return outcome
+
+    async def solve_children(self, task: Task, children: list[Task]) -> Outcome:
+        """Solve child tasks side by side, then merge them once all are done."""
+        outcomes = await asyncio.gather(*(self.spawn(child) for child in children))
+        return await self.merge(task, list(outcomes))
+
+    async def solve_leaf(self, task: Task) -> Outcome:
+        """Ask, verify and decide until the leaf is answered, split or given up."""
+        feedback: str | None = None
+        max_tokens = self.plan.output_tokens
+        re_asks = attempts = 0
+        while True:
+            result = await self.leaf_attempt(task, feedback=feedback, max_tokens=max_tokens)
+            attempts += 1
+            decision = self.decide(task, result, max_tokens=max_tokens, re_asks=re_asks)
+            if decision.action == "retry":
+                re_asks += 1 if decision.feedback else 0
+                feedback, max_tokens = decision.feedback, decision.max_tokens
+                continue
+            return await self.conclude(task, decision, attempts)
+
+    async def conclude(self, task: Task, decision: Decision, attempts: int) -> Outcome:
+        """Turn a final decision about a leaf into its outcome."""
+        if decision.action == "accept":
+            return Outcome(task=task, answer=decision.answer, verdict=decision.verdict, attempts=attempts)
+        if decision.action == "split":
+            logger.info("task %s: %s; splitting finer", task.id, decision.reason)
+            children = self.split(task, finer=True)
+            if children:
+                outcome = await self.solve_children(task, children)
+                return outcome.model_copy(update={"verdict": f"split-after-{decision.verdict}", "attempts": attempts})
+        logger.warning("task %s failed: %s", task.id, decision.reason)
+        return Outcome(
+            task=task, status="failed", verdict=decision.verdict,
+            reason=decision.reason, attempts=attempts,
+        )
+
+
+def _merged_text(result: CallResult) -> str | None:
+    if result.completion is None or result.completion.finish_reason == "length":
+        return None
+    data = parse_json_reply(result.completion.text)
+    text = str(data.get("answer") or "").strip() if isinstance(data, dict) else ""
+    if not text or _META_ANSWER.search(text):
+        return None
+    return text
+

@@ -1,0 +1,106 @@
+"""Records that flow between the stages: tasks, plans, answers and outcomes.
+
+They cross checkpoint boundaries as plain dicts (``model_dump(mode="json")``)
+and are validated again when read back, so nothing that fails its schema is
+ever stored as a result and every stored value can be reloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["Answer", "Evidence", "Item", "Kind", "Outcome", "Plan", "Task"]
+
+Kind = Literal["text", "list", "count"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Task(_Record):
+    """One node of the recursion tree: a question over a span."""
+
+    id: str
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+    depth: int = Field(ge=0)
+    question: str
+    tokens: int = Field(ge=0)
+    """Worker-tokenizer length of the span."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Task:
+        if self.end < self.start:
+            msg = f"task {self.id}: span end {self.end} is before its start {self.start}"
+            raise ValueError(msg)
+        return self
+
+
+class Plan(_Record):
+    """How the run cuts the source and what it asks of each piece."""
+
+    kind: Kind
+    question: str
+    sub_question: str
+    leaf_tokens: int = Field(gt=0)
+    """Largest span a leaf call reads."""
+    overlap_tokens: int = Field(ge=0)
+    output_tokens: int = Field(gt=0)
+    max_output_tokens: int = Field(gt=0)
+    """Ceiling when a truncated answer is retried with more room."""
+    window: int = Field(gt=0)
+    """Worker context window used for the pre-flight size check."""
+    fan_out: int = Field(ge=2)
+    fan_in: int = Field(ge=2)
+    max_depth: int = Field(ge=1)
+    source_tokens: int = Field(ge=0)
+
+
+class Evidence(_Record):
+    """A quote located in the source: absolute offsets in the joined text."""
+
+    quote: str
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+
+
+class Item(_Record):
+    """One element of a list answer, with where it was seen."""
+
+    text: str
+    evidence: Evidence | None = None
+
+
+class Answer(_Record):
+    """A typed answer of one task."""
+
+    kind: Kind
+    found: bool
+    text: str | None = None
+    items: tuple[Item, ...] = ()
+    count: int | None = Field(default=None, ge=0)
+    evidence: tuple[Evidence, ...] = ()
+
+    @property
+    def value(self) -> str | list[str] | int | None:
+        """The answer as the user sees it."""
+        if self.kind == "count":
+            return self.count if self.count is not None else 0
+        if self.kind == "list":
+            return [item.text for item in self.items]
+        return self.text if self.found else None
+
+
+class Outcome(_Record):
+    """What a task produced: its answer, verdict and the subtree below it."""
+
+    task: Task
+    answer: Answer | None = None
+    status: Literal["done", "failed"] = "done"
+    verdict: str = "ok"
+    reason: str | None = None
+    attempts: int = 0
+    children: tuple[Outcome, ...] = ()

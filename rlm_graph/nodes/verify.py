@@ -1,0 +1,182 @@
+"""Verify: check a leaf answer before it is used.
+
+A leaf's reply must be complete (not cut off by the output limit), must not be
+empty or a refusal, must parse into the answer kind, and every quote it offers
+as evidence must occur in the leaf's own span. A quote is searched exactly
+first, then tolerant of whitespace, case and quote-mark style; a found quote
+becomes :class:`Evidence` with exact offsets. A failed check comes back with a
+reason the model can act on when it is asked again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import regex
+
+from rlm_graph.models import Completion
+from rlm_graph.nodes.types import Answer, Evidence, Item, Kind, Task
+
+__all__ = ["Verdict", "locate_quote", "verify_leaf"]
+
+MIN_QUOTE_CHARS = 8
+# Straight, curly and typewriter-style quote marks are interchangeable in a quote.
+_QUOTE_MARKS = "'\u2018\u2019`\"\u201c\u201d"
+_REFUSAL = re.compile(
+    r"^\s*(i'?m sorry|i am sorry|i cannot|i can'?t|i won'?t|i am unable|i'm unable|"
+    r"as an ai)\b",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What verify decided about one leaf reply."""
+
+    ok: bool
+    code: str
+    """ok, truncated, empty, refused, malformed, no-evidence."""
+    answer: Answer | None = None
+    feedback: str | None = None
+    """Why the reply was rejected, worded for the model."""
+
+
+def verify_leaf(text: str, task: Task, kind: Kind, completion: Completion) -> Verdict:
+    """Check a leaf's reply against its span and turn it into a typed answer.
+
+    Args:
+        text: the joined source text (the span is ``text[task.start:task.end]``).
+        task: the leaf task.
+        kind: the answer kind the plan asked for.
+        completion: the model's reply.
+    """
+    if completion.finish_reason == "length":
+        return Verdict(False, "truncated", feedback="Your reply was cut off. Answer briefly.")
+    if completion.refusal or _REFUSAL.match(completion.text or ""):
+        return Verdict(False, "refused", feedback="Answer from the excerpt; it is safe to read.")
+    if not (completion.text or "").strip():
+        return Verdict(False, "empty", feedback="Your reply was empty. Reply with the JSON object.")
+
+    data = parse_json_reply(completion.text)
+    if data is None:
+        return Verdict(False, "malformed", feedback="Reply with one JSON object only.")
+    try:
+        return _CHECKS[kind](text, task, data)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return Verdict(False, "malformed", feedback="Your JSON did not follow the schema.")
+
+
+def locate_quote(text: str, start: int, end: int, quote: str) -> Evidence | None:
+    """Find ``quote`` inside ``text[start:end]`` and return it with exact offsets.
+
+    Exact match first; then a match tolerant of whitespace runs, letter case and
+    quote-mark style. Leading and trailing quote marks and ellipses are ignored.
+    Quotes shorter than :data:`MIN_QUOTE_CHARS` characters are not evidence.
+    """
+    cleaned = quote.strip().strip(_QUOTE_MARKS).strip().removesuffix("...").removeprefix("...")
+    cleaned = cleaned.strip()
+    if len(cleaned) < MIN_QUOTE_CHARS:
+        return None
+
+    found = text.find(cleaned, start, end)
+    if found >= 0:
+        return Evidence(quote=cleaned, start=found, end=found + len(cleaned))
+
+    pattern = _tolerant_pattern(cleaned)
+    match = pattern.search(text, start, end)
+    if match is None:
+        return None
+    return Evidence(quote=match.group(0), start=match.start(), end=match.end())
+
+
+def parse_json_reply(reply: str) -> Any:
+    """Parse a JSON object from a reply, allowing a fenced block around it."""
+    body = reply.strip()
+    fenced = re.search(r"```(?:json)?\s*(.*?)```", body, re.DOTALL)
+    if fenced:
+        body = fenced.group(1).strip()
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError:
+        first, last = body.find("{"), body.rfind("}")
+        if 0 <= first < last:
+            try:
+                return json.loads(body[first : last + 1])
+            except json.JSONDecodeError:
+                return None
+        return None
+
+
+def _tolerant_pattern(quote: str) -> regex.Pattern[str]:
+    parts: list[str] = []
+    for word in quote.split():
+        escaped = "".join(
+            f"[{re.escape(_QUOTE_MARKS)}]" if ch in _QUOTE_MARKS else regex.escape(ch)
+            for ch in word
+        )
+        parts.append(escaped)
+    return regex.compile(r"\s+".join(parts), regex.IGNORECASE | regex.V1)
+
+
+def _check_text(text: str, task: Task, data: dict[str, Any]) -> Verdict:
+    relevant = bool(data.get("relevant", True))
+    answer = str(data.get("answer") or "").strip()
+    quote = str(data.get("quote") or "")
+    if not relevant or not answer:
+        return Verdict(True, "ok", Answer(kind="text", found=False))
+
+    evidence = locate_quote(text, task.start, task.end, quote)
+    if evidence is None:
+        return Verdict(
+            False, "no-evidence",
+            feedback=(
+                "Your quote does not occur in the excerpt. Copy one sentence exactly "
+                "as written in the excerpt that supports your answer, or set "
+                "relevant to false if the excerpt does not answer the question."
+            ),
+        )
+    return Verdict(True, "ok", Answer(kind="text", found=True, text=answer, evidence=(evidence,)))
+
+
+def _check_list(text: str, task: Task, data: dict[str, Any]) -> Verdict:
+    items: list[Item] = []
+    missing = 0
+    for entry in data.get("items") or []:
+        name = str(entry.get("item") or "").strip() if isinstance(entry, dict) else str(entry)
+        if not name:
+            continue
+        quote = str(entry.get("quote") or "") if isinstance(entry, dict) else ""
+        evidence = locate_quote(text, task.start, task.end, quote or name)
+        if evidence is None:
+            missing += 1
+            continue
+        items.append(Item(text=name, evidence=evidence))
+
+    if missing and not items:
+        return Verdict(
+            False, "no-evidence",
+            feedback="Each item needs a quote copied exactly from the excerpt.",
+        )
+    evidence = tuple(item.evidence for item in items if item.evidence)
+    return Verdict(True, "ok", Answer(kind="list", found=bool(items), items=tuple(items), evidence=evidence))
+
+
+def _check_count(text: str, task: Task, data: dict[str, Any]) -> Verdict:
+    count = int(data.get("count") or 0)
+    if count < 0:
+        return Verdict(False, "malformed", feedback="A count cannot be negative.")
+    quotes = [str(q) for q in data.get("quotes") or []]
+    located = [locate_quote(text, task.start, task.end, q) for q in quotes]
+    evidence = tuple(e for e in located if e is not None)
+    if count and quotes and not evidence:
+        return Verdict(
+            False, "no-evidence",
+            feedback="Quote each counted occurrence exactly as written in the excerpt.",
+        )
+    return Verdict(True, "ok", Answer(kind="count", found=count > 0, count=count, evidence=evidence))
+
+
+_CHECKS = {"text": _check_text, "list": _check_list, "count": _check_count}

@@ -1,0 +1,109 @@
+"""Public records of a run: Result, Citation, Usage and the recursion tree."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["Citation", "Failure", "Result", "RunStatus", "TaskNode", "Usage"]
+
+RunStatus = Literal["done", "partial", "failed", "stopped"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid")
+
+
+class Citation(_Record):
+    """A verbatim quote from the source that supports the answer."""
+
+    source: str
+    """The file the quote is in (as named by the user), or ``<stdin>``/``<text>``."""
+    start: int = Field(ge=0)
+    """Character offset of the quote's start in that file's decoded text."""
+    end: int = Field(ge=0)
+    """Character offset just past the quote's end."""
+    line: int = Field(ge=1)
+    """1-based line of the quote's start."""
+    quote: str
+    """The quoted text, exactly as it stands in the source."""
+
+
+class Usage(_Record):
+    """Model calls and what they cost."""
+
+    calls: int = 0
+    """Model calls sent (retries of one call count once each attempt)."""
+    cached_calls: int = 0
+    """Calls answered from the call log instead of the model."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    """Cost from LiteLLM's offline price map; local models cost 0."""
+    cost_known: bool = True
+    """False when some call's model had no known price (its cost counted as 0)."""
+
+    def add(self, other: Usage) -> None:
+        """Add another usage record to this one, in place."""
+        self.calls += other.calls
+        self.cached_calls += other.cached_calls
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.cost_usd += other.cost_usd
+        self.cost_known = self.cost_known and other.cost_known
+
+
+class Failure(_Record):
+    """A task that could not be answered; the answer is partial without it."""
+
+    task_id: str
+    source: str
+    start: int
+    end: int
+    reason: str
+
+
+class TaskNode(_Record):
+    """One task of the recursion tree, as reported in ``Result.tree``."""
+
+    id: str
+    """Path from the root: ``0``, ``0.2``, ``0.2.1`` ..."""
+    depth: int
+    start: int
+    """Span start, as an offset in the joined source text."""
+    end: int
+    source: str
+    """The file the span starts in."""
+    question: str
+    """The sub-question this task answered."""
+    answer: Any = None
+    """The task's answer (text, list or count), or None when it found nothing."""
+    verdict: str = "ok"
+    """What verify said: ok, no-evidence, unsupported, truncated, failed, ..."""
+    status: Literal["done", "failed"] = "done"
+    attempts: int = 0
+    """Model calls this task made itself (children not included)."""
+    children: list[TaskNode] = Field(default_factory=list)
+
+
+class Result(_Record):
+    """What a run returns."""
+
+    run_id: str
+    status: RunStatus
+    """done: every task answered; partial: some failed (see ``failures``)."""
+    question: str
+    kind: str
+    """Answer kind: text, list or count."""
+    answer: Any
+    """Text, a list of strings, or an integer, depending on ``kind``."""
+    found: bool = True
+    """False when no part of the source answered the question."""
+    citations: list[Citation] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    failures: list[Failure] = Field(default_factory=list)
+    tree: TaskNode | None = None
+    elapsed_s: float = 0.0
+    models: dict[str, str] = Field(default_factory=dict)
+    """Role to model name, as used."""
