@@ -134,9 +134,13 @@ class ModelClient:
         self.call_log: CallLog = call_log if call_log is not None else MemoryCallLog()
         self._on_call = on_call
         self._semaphore = asyncio.Semaphore(config.concurrency)
+        self._priced: dict[str, bool] = {}
         self._counters = {role: token_counter(model) for role, model in self.models.items()}
         for model in set(self.models.values()):
             _check_model_name(litellm, model)
+            # Before the Router exists: it registers unknown deployments with a
+            # price of 0, which would make every unpriced model look free (K17).
+            self._priced[model] = model.startswith("local/") or _has_price(litellm, model)
         self.router = litellm.Router(
             model_list=[self._deployment(role, model) for role, model in self.models.items()],
             num_retries=0,
@@ -260,12 +264,11 @@ class ModelClient:
         model = self.models[role]
         if model.startswith("local/"):
             return 0.0, True
-        try:
-            prompt_cost, completion_cost = self._litellm.cost_per_token(
-                model=model, prompt_tokens=prompt, completion_tokens=completion
-            )
-        except Exception:  # litellm raises a bare Exception for unpriced models
+        if not self._priced.get(model):
             return 0.0, False
+        prompt_cost, completion_cost = self._litellm.cost_per_token(
+            model=model, prompt_tokens=prompt, completion_tokens=completion
+        )
         return float(prompt_cost + completion_cost), True
 
     def _account(self, completion: Completion) -> None:
@@ -298,13 +301,18 @@ class ModelClient:
             detail = detail.replace(self.config.api_key.get_secret_value(), "***")
         if isinstance(exc, litellm.ContextWindowExceededError) or _mentions_context(exc):
             return ContextWindowError(f"{model}: prompt too long for its context window ({detail})")
-        if isinstance(exc, litellm.APIConnectionError | litellm.Timeout | asyncio.TimeoutError):
+        if _is_unreachable(exc):
             where = self.config.api_base or "the provider"
+            timed_out = isinstance(exc, litellm.Timeout | asyncio.TimeoutError)
+            reason = "timed out" if timed_out else "connection failed"
             return ModelCallError(
-                f"Cannot reach {where} for model {model}: {detail}. "
-                "Check that the server is running and --api-base is right.",
+                f"Cannot reach {where} for model {model} ({reason} after "
+                f"{self.config.max_retries + 1} attempts). Check that the server is "
+                "running and that --api-base is right.",
                 retryable=True,
-                systemic=True,
+                # A refused connection fails every call alike; a timeout may be
+                # one stalled request, so only the task fails.
+                systemic=not timed_out,
             )
         if isinstance(exc, litellm.AuthenticationError):
             return ModelCallError(
@@ -340,6 +348,24 @@ def _check_model_name(litellm: Any, model: str) -> None:
             "'local/smollm2-135m' for the embedded model."
         )
         raise ConfigError(msg) from exc
+
+
+def _has_price(litellm: Any, model: str) -> bool:
+    try:
+        info = litellm.get_model_info(model)
+    except Exception:  # litellm raises a bare Exception for unmapped models
+        return False
+    return info.get("input_cost_per_token") is not None
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    import litellm
+
+    if isinstance(exc, litellm.APIConnectionError | litellm.Timeout | asyncio.TimeoutError):
+        return True
+    # litellm reports a refused connection as an InternalServerError.
+    text = str(exc).lower()
+    return "connection error" in text or "connection refused" in text
 
 
 def _is_transient(exc: BaseException) -> bool:

@@ -198,15 +198,16 @@ class Engine:
     ) -> CallResult:
         """Make one model call; per-task failures come back as a result.
 
-        Failures that another call could not fix either (the server is
-        unreachable, the key is wrong) are raised: the run stops, resumable.
+        Failures that every other call would meet too (the server refuses
+        connections, the key is wrong) are raised: the run stops, resumable.
+        Others (a stalled request, a rejected prompt) fail this task only.
         """
         try:
             completion = await self.client.complete(role, messages, max_tokens=max_tokens, schema=schema)
         except ContextWindowError as exc:
             return CallResult(error="context", message=str(exc))
         except ModelCallError as exc:
-            if exc.retryable or exc.systemic:
+            if exc.systemic:
                 raise
             return CallResult(error="failed", message=str(exc))
         return CallResult(completion=completion)
