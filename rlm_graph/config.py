@@ -65,7 +65,7 @@ class RunConfig(BaseSettings):
     fan_in: int = Field(default=8, ge=2, le=64)
     """Most child answers one free-text merge call reads."""
 
-    concurrency: int = Field(default=8, ge=1, le=1024)
+    concurrency: int = Field(default=8, ge=1, le=100_000)
     """Most model calls in flight at once, over the whole run."""
 
     kind: AnswerKind = "auto"

@@ -550,7 +550,7 @@ def split_cases(draw: st.DrawFn) -> Case:
 
 
 @settings(
-    max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 @given(split_cases())
 def test_any_input_gives_valid_pieces(case: Case) -> None:
@@ -575,7 +575,7 @@ def test_any_input_gives_valid_pieces(case: Case) -> None:
     )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=800, deadline=None)
 @given(st.one_of(adversarial_text, st.text(max_size=400)), st.data())
 def test_cluster_index_agrees_with_regex_x(text: str, data: st.DataObject) -> None:
     boundaries = cluster_boundaries(text)
