@@ -53,7 +53,7 @@ def responder(latency_s: float):
             return Reply(content=json.dumps({"answer": "merged"}), latency_s=latency_s)
         excerpt = (EXCERPT.search(request.prompt) or [None, ""])[1]
         found = re.findall(r"Marker (M\d+x\d+) was seen\.", excerpt)
-        if '"relevant"' in request.prompt:
+        if 'not stated' in request.prompt:
             quote = f"Marker {found[0]} was seen." if found else ""
             reply = {"relevant": bool(found), "quote": quote, "answer": ", ".join(found)}
             return Reply(content=json.dumps(reply), latency_s=latency_s)

@@ -12,6 +12,25 @@ every prompt; the text is Debian's copy of the GPL-3, cut to the token counts as
 ``loadavg`` (1-minute load average) and ``cpu%`` (CPU time over wall time, per
 thread) show how busy the machine was; with other work running, figures are only
 comparable within one run.
+
+Measured 2026-12-04, 2 cores, llama-cpp-python 0.3.36 built with GGML_NATIVE=OFF,
+SmolLM2-135M Q4_1, 8K window, while other test runs shared the machine (load 1-5):
+
+- load 0.3-0.4 s (vocabulary only: 0.2 s); import llama_cpp 0.2 s. Memory: 244 MB
+  before the model (Python, litellm, llama_cpp), 539 MB loaded, peak 746 MB on a
+  6000-token prompt, 600 MB with flash attention.
+- Part 2 (load 1.2-1.8), prompt tokens/s at 500 / 3000 tokens: 1 thread 61 / 62;
+  n_batch 2048: 61 / 62; n_batch and n_ubatch 2048: 59 / 58; flash attention
+  69 / 80, with 2048 batches 73 / 74; 2 threads 112 / 87, with flash and 2048
+  batches 111 / 100.
+- Part 1 with flash attention, tokens/s: 1 thread (load 2.7) prompts of 500 / 1500
+  / 3000 / 6000 at 45 / 64 / 91 / 50, generation 46, 11 after 3000 tokens, 42 under
+  a JSON grammar; 2 threads (load 2.1) 52 / 104 / 116 / 86, generation 67, 26, 72.
+- Generation, 1 thread, flash off / on, taking turns: 47-51 / 50-63 tokens/s after
+  30 tokens, 17-21 / 12 after 3000.
+- Threads under load 3.5-4, taking turns: 1 thread 49-104 prompt and 16-47
+  generated tokens/s; 2 threads 26-79 and 3-17. With a core taken by other work,
+  llama.cpp's spinning thread barriers stall, hence one core left free by default.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ def main() -> None:
 @click.option("--overlap-tokens", type=int, help="Tokens shared by neighbouring spans.")
 @click.option("--concurrency", type=int, help="Most model calls in flight at once (default 8).")
 @click.option("--kind", type=click.Choice(["auto", "text", "list", "count"]), help="Answer kind.")
+@click.option("--filter", help="Regex: skip parts of the source with no match, unread.")
 @click.option("--context-window", type=int, help="Worker window in tokens, for unknown models.")
 @click.option("--max-output-tokens", type=int, help="Output tokens reserved per call.")
 @click.option("--timeout", "timeout_s", type=float, help="Seconds per model call attempt.")

