@@ -42,6 +42,8 @@ def main() -> None:
 @click.option("--chunk-tokens", type=int, help="Largest span a leaf call reads, in tokens.")
 @click.option("--overlap-tokens", type=int, help="Tokens shared by neighbouring spans.")
 @click.option("--concurrency", type=int, help="Most model calls in flight at once (default 8).")
+@click.option("--fan-out", type=int, help="Most child spans one split makes (default 8).")
+@click.option("--fan-in", type=int, help="Most answers one free-text merge call reads (default 8).")
 @click.option("--kind", type=click.Choice(["auto", "text", "list", "count"]), help="Answer kind.")
 @click.option("--filter", help="Regex: skip parts of the source with no match, unread.")
 @click.option("--context-window", type=int, help="Worker window in tokens, for unknown models.")

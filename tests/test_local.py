@@ -18,12 +18,18 @@ from rlm_graph import local
 from rlm_graph.errors import ConfigError
 
 EMBEDDED = local.DEFAULT_LOCAL_MODEL
+# Bounded lengths: the grammar then guarantees the reply ends within max_tokens,
+# whatever this small model would otherwise ramble.
 SCHEMA = {
     "type": "object",
     "properties": {
         "relevant": {"type": "boolean"},
-        "answer": {"type": "string"},
-        "evidence": {"type": "array", "items": {"type": "string"}},
+        "answer": {"type": "string", "maxLength": 40},
+        "evidence": {
+            "type": "array",
+            "maxItems": 2,
+            "items": {"type": "string", "maxLength": 40},
+        },
     },
     "required": ["relevant", "answer", "evidence"],
 }

@@ -112,8 +112,7 @@ def locate_answer(text: str, start: int, end: int, answer: str, question: str) -
     must all occur in one sentence of the span; that sentence becomes the
     evidence. An answer whose words the span does not contain gets none.
     """
-    asked = set(_words(question))
-    wanted = [w for w in dict.fromkeys(_words(answer)) if w not in asked and w not in _STOP_WORDS]
+    wanted = _own_words(answer, question)
     if not wanted or len(wanted) > 8:
         return None
     for match in _SENTENCE.finditer(text, start, end):
@@ -123,6 +122,24 @@ def locate_answer(text: str, start: int, end: int, answer: str, question: str) -
             offset = match.start() + match.group(0).index(sentence)
             return Evidence(quote=sentence, start=offset, end=offset + len(sentence))
     return None
+
+
+def supports(quote: str, answer: str, question: str) -> bool:
+    """Whether a quote can back a short answer: it holds most of the answer's words.
+
+    Long answers (more than eight words of their own) are paraphrase and pass;
+    a short answer needs at least half of its own words in the quote.
+    """
+    wanted = _own_words(answer, question)
+    if not wanted or len(wanted) > 8:
+        return True
+    present = set(_words(quote))
+    return sum(w in present for w in wanted) * 2 >= len(wanted)
+
+
+def _own_words(answer: str, question: str) -> list[str]:
+    asked = set(_words(question))
+    return [w for w in dict.fromkeys(_words(answer)) if w not in asked and w not in _STOP_WORDS]
 
 
 def _words(text: str) -> list[str]:
@@ -165,9 +182,10 @@ def _check_text(text: str, task: Task, data: dict[str, Any]) -> Verdict:
     if not relevant or not answer or _NOT_STATED.match(answer):
         return Verdict(True, "ok", Answer(kind="text", found=False))
 
-    evidence = locate_quote(text, task.start, task.end, quote) or locate_answer(
-        text, task.start, task.end, answer, task.question
-    )
+    evidence = locate_quote(text, task.start, task.end, quote)
+    if evidence is not None and not supports(evidence.quote, answer, task.question):
+        evidence = None
+    evidence = evidence or locate_answer(text, task.start, task.end, answer, task.question)
     if evidence is None:
         return Verdict(
             False, "no-evidence",

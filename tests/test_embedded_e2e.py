@@ -1,0 +1,54 @@
+"""End to end with the real embedded model (SmolLM2-135M on the CPU) on real text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from rlm_graph import arun
+from rlm_graph.cli import main
+
+BOOK = Path(__file__).parents[1] / "examples" / "alice_in_wonderland.txt"
+QUESTION = "What were the names of the three sisters in the Dormouse's story?"
+
+
+@pytest.fixture(scope="module")
+def excerpt(tmp_path_factory) -> Path:
+    """2,700 characters of chapter VII around the Dormouse's story: two leaves."""
+    text = BOOK.read_text()
+    start = text.index("three little sisters")
+    path = tmp_path_factory.mktemp("book") / "tea_party.txt"
+    path.write_text(text[start - 1500 : start + 1200])
+    return path
+
+
+@pytest.mark.embedded
+async def test_embedded_model_answers_with_a_citation_that_is_in_the_source(excerpt):
+    result = await arun(QUESTION, [excerpt], chunk_tokens=400)
+
+    assert result.models["worker"] == "local/smollm2-135m"
+    assert result.status == "done"
+    assert result.usage.calls >= 2 and result.usage.cost_usd == 0
+    assert result.citations, "the answer must be cited"
+    text = excerpt.read_text()
+    for citation in result.citations:
+        assert text[citation.start : citation.end] == citation.quote
+    # What a 135M model answers depends on every byte of its prompt (even the
+    # file name in it), so the test checks the pipeline's promises, not the wording.
+    assert result.found and isinstance(result.answer, str) and result.answer.strip()
+
+
+@pytest.mark.embedded
+def test_cli_with_the_embedded_model_and_a_filter(excerpt):
+    runner = CliRunner()
+    args = ["run", str(excerpt), "-q", QUESTION, "--filter", "sisters", "--chunk-tokens", "300", "--json"]
+    out = runner.invoke(main, args)
+
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    skipped = [c for c in data["tree"]["children"] if c["verdict"] == "skipped"]
+    assert data["tree"]["children"] and skipped, "spans without 'sisters' are skipped unread"
+    assert all(excerpt.read_text()[c["start"] : c["end"]] == c["quote"] for c in data["citations"])
