@@ -7,7 +7,8 @@ fresh subprocess so its load time and memory are its own. Part 2 compares n_batc
 n_ubatch and flash attention on prompt speed: all settings are loaded in one process
 and take turns on each prompt, best of two, so they share whatever else the machine
 is doing. Speeds come from llama.cpp's own counters, with the KV cache cleared before
-every prompt; the text is Debian's copy of the GPL-3, cut to the token counts asked.
+every prompt; the text is the bundled examples/alice_in_wonderland.txt, cut to the
+token counts asked.
 
 ``loadavg`` (1-minute load average) and ``cpu%`` (CPU time over wall time, per
 thread) show how busy the machine was; with other work running, figures are only
@@ -49,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlm_graph import local
 
-TEXT_FILE = Path("/usr/share/common-licenses/GPL-3")
+TEXT_FILE = Path(__file__).resolve().parents[1] / "examples" / "alice_in_wonderland.txt"
 GENERATED_TOKENS = 64
 SCHEMA = {
     "type": "object",

@@ -195,11 +195,29 @@ def _print_human(result: Any) -> None:
 
 
 def _configure_logging(verbose: int, debug: bool) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
+    from rlm_graph.tokens import ensure_offline_litellm
+
+    # Import LiteLLM now, so that the handlers it installs at import are there
+    # to be replaced below.
+    ensure_offline_litellm()
+    import litellm
+
+    litellm.suppress_debug_info = True
+
     level = logging.DEBUG if verbose >= 2 or debug else logging.INFO if verbose == 1 else logging.WARNING
-    handler = RichHandler(show_path=False, show_time=verbose >= 2, markup=False)
+    # Logs go to stderr: stdout carries only the answer (or the --json object).
+    handler = RichHandler(
+        console=Console(stderr=True), show_path=False, show_time=verbose >= 2, markup=False
+    )
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
     logging.getLogger("rlm_graph").setLevel(level)
     for noisy in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "httpx", "litellm"):
-        logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
+        other = logging.getLogger(noisy)
+        other.setLevel(logging.ERROR if verbose < 2 else logging.INFO)
+        # LiteLLM attaches its own handlers, which write to stdout: route its
+        # records through ours (stderr) instead.
+        other.handlers.clear()
+        other.propagate = True

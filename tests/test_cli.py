@@ -111,3 +111,10 @@ def test_unreachable_api_base_is_a_clear_error(book):
     assert f"127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.output
     assert "sk-test-not-real" not in result.output
+
+
+def test_verbose_logs_never_reach_stdout_with_json(scripted, book):
+    scripted(text_reply(r"The secret code word is (\w+)\."))
+    result = invoke("run", str(book), "-q", "What is the secret code word?", "--json", "-vv", *SCRIPTED)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["answer"] == "MARIGOLD"
