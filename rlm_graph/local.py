@@ -647,12 +647,14 @@ def _model_response(name: str, out: dict[str, Any]) -> ModelResponse:
 
 
 def _default_threads() -> int:
-    # Every usable core. Measured on a quiet 2-core machine (docs/design.md):
-    # 2 threads with flash attention read 125 prompt tokens/s, 1 thread 69. On a
-    # machine busy with other work, llama.cpp's spinning thread barriers make 2
-    # threads slower than 1; pass n_threads=1 to LocalModels there.
+    # Every usable core but one. On a quiet 2-core machine 2 threads read prompts
+    # faster (125 tokens/s with flash attention, against 69-82 with one), but
+    # llama.cpp's threads meet at spinning barriers: when another process takes
+    # a core, 2 threads became 3-10x slower than 1 (docs/design.md section 5).
+    # One thread is the choice that never collapses; LocalModels(n_threads=2)
+    # is faster on a machine with nothing else to do.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return max(1, cores or os.cpu_count() or 1)
+    return max(1, (cores or os.cpu_count() or 1) - 1)
 
 
 def _timeout_s(timeout: Any) -> float | None:
