@@ -89,6 +89,14 @@ def test_verify_rejects_what_cannot_be_used(reply, code):
     assert not verdict.ok and verdict.code == code and verdict.feedback
 
 
+def test_an_answer_that_only_restates_the_question_is_rejected():
+    reply = json.dumps({"answer": "It is always the time at the tea-party.", "quote": "Alice met the Hatter."})
+    verdict = verify_leaf(TEXT, task(question="What time is it always at the tea-party?"), "text", completion(reply))
+    assert not verdict.ok and verdict.code == "restated"
+    short = json.dumps({"answer": "6", "quote": "six o'clock"})
+    assert verify_leaf(TEXT, task(), "text", completion(short)).code != "restated"
+
+
 def test_not_stated_is_a_real_answer_of_nothing_found():
     verdict = verify_leaf(TEXT, task(), "text", completion(json.dumps({"answer": "not stated", "quote": ""})))
     assert verdict.ok and verdict.answer is not None and not verdict.answer.found

@@ -243,7 +243,7 @@ class Engine:
             return Decision("retry", verdict="truncated", feedback=None, max_tokens=more)
         if re_asks < self.config.verify_retries:
             return Decision("retry", verdict=verdict.code, feedback=verdict.feedback, max_tokens=max_tokens)
-        if verdict.code == "no-evidence" and not self.can_split_finer(task):
+        if verdict.code in ("no-evidence", "restated") and not self.can_split_finer(task):
             # An answer its own span does not support is dropped, not merged.
             return Decision("accept", answer=Answer(kind=self.plan.kind, found=False), verdict="unsupported")
         return self._split_or_fail(task, verdict.code, f"reply {verdict.code} after {re_asks + 1} tries")

@@ -143,7 +143,7 @@ def _own_words(answer: str, question: str) -> list[str]:
 
 
 def _words(text: str) -> list[str]:
-    return [w.casefold() for w in regex.findall(r"\w+", text) if len(w) >= 3]
+    return [w.casefold() for w in regex.findall(r"\w+", text) if len(w) >= 3 or w.isdigit()]
 
 
 def parse_json_reply(reply: str) -> Any:
@@ -181,6 +181,15 @@ def _check_text(text: str, task: Task, data: dict[str, Any]) -> Verdict:
     quote = str(data.get("quote") or "")
     if not relevant or not answer or _NOT_STATED.match(answer):
         return Verdict(True, "ok", Answer(kind="text", found=False))
+    if not _own_words(answer, task.question) and len(answer.split()) > 2:
+        # "The rabbit called Alice when he mistook her." restates the question.
+        return Verdict(
+            False, "restated",
+            feedback=(
+                "Your answer only repeats the question. Give the answer itself, "
+                'or "not stated" if the text does not say.'
+            ),
+        )
 
     evidence = locate_quote(text, task.start, task.end, quote)
     if evidence is not None and not supports(evidence.quote, answer, task.question):
