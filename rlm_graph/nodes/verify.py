@@ -137,6 +137,15 @@ def supports(quote: str, answer: str, question: str) -> bool:
     return sum(w in present for w in wanted) * 2 >= len(wanted)
 
 
+def _restates(answer: str, question: str) -> bool:
+    """Whether an answer is mostly the question's own words: at most one word in
+    five (and at most one) is new. Short answers ("six o'clock", "12") never are."""
+    words = _words(answer)
+    if len(words) < 4:
+        return False
+    return len(_own_words(answer, question)) <= max(1, len(words) // 5)
+
+
 def _own_words(answer: str, question: str) -> list[str]:
     asked = set(_words(question))
     return [w for w in dict.fromkeys(_words(answer)) if w not in asked and w not in _STOP_WORDS]
@@ -181,7 +190,7 @@ def _check_text(text: str, task: Task, data: dict[str, Any]) -> Verdict:
     quote = str(data.get("quote") or "")
     if not relevant or not answer or _NOT_STATED.match(answer):
         return Verdict(True, "ok", Answer(kind="text", found=False))
-    if not _own_words(answer, task.question) and len(answer.split()) > 2:
+    if _restates(answer, task.question):
         # "The rabbit called Alice when he mistook her." restates the question.
         return Verdict(
             False, "restated",
