@@ -4,7 +4,8 @@ It calls the public API and adds nothing the library lacks. Heavy imports
 (LiteLLM takes seconds) happen inside the commands, so ``--help`` is instant.
 
 Exit codes: 0 answered; 1 answered in part (some tasks failed); 2 bad input or
-configuration; 3 the models could not be used; 130 interrupted.
+configuration; 3 the models could not be used, or no part could be answered;
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -65,7 +66,11 @@ def run_command(
         from rlm_graph.result import Result
 
         progress = _Progress(enabled=sys.stderr.isatty())
-        stdin_text = sys.stdin.read() if "-" in sources else None
+        from rlm_graph.source import decode_bytes
+
+        stdin_text = None
+        if "-" in sources:
+            stdin_text = decode_bytes(sys.stdin.buffer.read(), "<stdin>", options.get("encoding") or "utf-8")
         engine = prepare(question, list(sources), stdin_text=stdin_text, on_event=progress.on_event, **settings)
         progress.start(engine)
         try:
@@ -77,6 +82,8 @@ def run_command(
         click.echo(json.dumps(result.model_dump(mode="json"), ensure_ascii=False, indent=2))
     else:
         _print_human(result)
+    if result.status == "failed":
+        sys.exit(EXIT_MODEL)
     if result.status != "done":
         sys.exit(EXIT_PARTIAL)
 
@@ -167,7 +174,7 @@ class _Progress:
 
 def _print_human(result: Any) -> None:
     if result.kind == "list":
-        answer = "\n".join(f"- {item}" for item in result.answer) or "(nothing found)"
+        answer = "\n".join(f"- {item}" for item in result.answer or []) or "(nothing found)"
     elif not result.found and result.kind == "text":
         answer = "(no part of the source answered the question)"
     else:

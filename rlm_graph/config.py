@@ -9,6 +9,7 @@ business and are read by LiteLLM itself.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Literal
 
@@ -116,6 +117,11 @@ class RunConfig(BaseSettings):
         if value is not None and not value.strip():
             return None
         return value
+
+    @property
+    def has_openai_key(self) -> bool:
+        """Whether the provider's own OPENAI_API_KEY variable is set."""
+        return bool(os.environ.get("OPENAI_API_KEY"))
 
     @property
     def root_model(self) -> str:

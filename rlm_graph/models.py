@@ -291,6 +291,10 @@ class ModelClient:
             params["api_base"] = self.config.api_base
         if self.config.api_key is not None:
             params["api_key"] = self.config.api_key.get_secret_value()
+        elif self.config.api_base and model.startswith("openai/") and not self.config.has_openai_key:
+            # Local OpenAI-compatible servers rarely check keys, but the OpenAI
+            # SDK refuses to send a request without one.
+            params["api_key"] = "no-key-needed"
         return {"model_name": role, "litellm_params": params}
 
     def _translate(self, role: Role, exc: BaseException) -> ModelCallError:

@@ -19,11 +19,21 @@ from pathlib import Path
 
 from rlm_graph.errors import SourceError
 
-__all__ = ["Location", "Source", "SourceFile", "load_source", "source_from_text"]
+__all__ = [
+    "FILE_HEADER_MARK",
+    "Location",
+    "Source",
+    "SourceFile",
+    "decode_bytes",
+    "load_source",
+    "source_from_text",
+]
 
 logger = logging.getLogger(__name__)
 
 BINARY_SNIFF_BYTES = 8192
+FILE_HEADER_MARK = "=== file: "
+"""Starts the line naming each file in the joined text; never part of a file."""
 SKIPPED_DIR_NAMES = frozenset({".git", ".hg", ".svn", "__pycache__", "node_modules"})
 
 
@@ -120,12 +130,16 @@ def load_source(
         msg = "No source given. Name a file, a directory, or '-' for stdin."
         raise SourceError(msg)
 
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
     documents: list[tuple[str, str]] = []
     seen: set[str] = set()
     for raw in paths:
         for name, text in _read_path(str(raw), encoding, stdin_text):
-            if name not in seen:
-                seen.add(name)
+            # The same file named twice ('a.txt', './a.txt') is read once.
+            key = name if name.startswith("<") else os.path.realpath(name)
+            if key not in seen:
+                seen.add(key)
                 documents.append((name, text))
 
     return _join(documents)
@@ -149,6 +163,9 @@ def _read_path(
     if path.is_dir():
         yield from _read_directory(path, raw, encoding)
         return
+    if not path.is_file():
+        msg = f"'{raw}' is not a regular file (a pipe, socket or device); name a text file."
+        raise SourceError(msg)
 
     text = _decode_file(path, raw, encoding)
     if not text.strip():
@@ -189,8 +206,10 @@ def _walk(directory: Path) -> Iterable[Path]:
     for root, dirs, files in os.walk(directory):
         dirs[:] = [d for d in dirs if d not in SKIPPED_DIR_NAMES and not d.startswith(".")]
         for file in files:
-            if not file.startswith("."):
-                yield Path(root, file)
+            path = Path(root, file)
+            # Only regular files: a named pipe or socket would block the read.
+            if not file.startswith(".") and path.is_file():
+                yield path
 
 
 def _decode_file(path: Path, name: str, encoding: str) -> str:
@@ -200,6 +219,15 @@ def _decode_file(path: Path, name: str, encoding: str) -> str:
         msg = f"Cannot read '{name}': {exc.strerror or exc}."
         raise SourceError(msg) from exc
 
+    return decode_bytes(data, name, encoding)
+
+
+def decode_bytes(data: bytes, name: str, encoding: str = "utf-8") -> str:
+    """Decode a source's bytes, or say clearly why they are not text.
+
+    Raises:
+        SourceError: binary data, an unknown codec, or bytes invalid in it.
+    """
     nul = data.find(b"\x00", 0, BINARY_SNIFF_BYTES)
     if nul >= 0 and not encoding.lower().startswith("utf-16"):
         msg = f"'{name}' looks binary (NUL byte at offset {nul}); rlm-graph reads text."
@@ -221,11 +249,11 @@ def _decode_file(path: Path, name: str, encoding: str) -> str:
 
 
 def _header(name: str) -> str:
-    return f"=== file: {name} ===\n"
+    return f"{FILE_HEADER_MARK}{name} ===\n"
 
 
 def _header_start(text: str, file_start: int) -> int:
-    return text.rfind("=== file: ", 0, file_start) if file_start else 0
+    return text.rfind(FILE_HEADER_MARK, 0, file_start) if file_start else 0
 
 
 def _join(documents: list[tuple[str, str]]) -> Source:

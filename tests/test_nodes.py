@@ -139,3 +139,22 @@ def test_task_rejects_a_bad_span_before_it_is_stored():
         Task(id="0.1", start=-1, end=5, depth=1, question="q", tokens=1)
     with pytest.raises(ValueError, match="before its start"):
         Task(id="0.1", start=9, end=5, depth=1, question="q", tokens=1)
+
+
+def test_file_headers_of_the_joined_text_are_never_evidence():
+    # Found by a user test: a quote of our own "=== file: ... ===" line was cited.
+    from rlm_graph.source import source_from_text
+
+    source = source_from_text("Hello world. The code is X.\n")
+    header = source.text[: source.files[0].start].strip()
+    assert locate_quote(source.text, 0, len(source.text), header) is None
+    assert locate_quote(source.text, 0, len(source.text), "The code is X.") is not None
+
+
+def test_same_file_named_twice_is_read_once(tmp_path, monkeypatch):
+    from rlm_graph.source import load_source
+
+    (tmp_path / "a.txt").write_text("alpha\n")
+    monkeypatch.chdir(tmp_path)
+    assert len(load_source(["a.txt", "./a.txt", str(tmp_path / "a.txt")]).files) == 1
+    assert len(load_source("a.txt").files) == 1, "a single path string is one path"

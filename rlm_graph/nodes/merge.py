@@ -46,16 +46,20 @@ def merge_list(answers: list[Answer]) -> Answer:
 def merge_count(answers: list[Answer]) -> Answer:
     """Sum of count answers, minus occurrences that two overlapping spans both saw.
 
-    An occurrence is the same when its evidence spans overlap in the source.
+    An occurrence is the same when its evidence sits at the same place in the
+    source (the same offsets); a set makes this linear in the evidence.
     """
     total = 0
-    kept: list[Evidence] = []
+    kept: dict[tuple[int, int], Evidence] = {}
     for answer in answers:
-        duplicates = sum(1 for e in answer.evidence if any(_overlaps(e, k) for k in kept))
+        spans = {(e.start, e.end) for e in answer.evidence}
+        duplicates = sum(1 for span in spans if span in kept)
         total += max((answer.count or 0) - duplicates, 0)
-        kept.extend(e for e in answer.evidence if not any(_overlaps(e, k) for k in kept))
+        for evidence in answer.evidence:
+            kept.setdefault((evidence.start, evidence.end), evidence)
 
-    return Answer(kind="count", found=total > 0, count=total, evidence=tuple(kept))
+    ordered = tuple(sorted(kept.values(), key=lambda e: e.start))
+    return Answer(kind="count", found=total > 0, count=total, evidence=ordered)
 
 
 def dedupe_text(answers: list[Answer]) -> list[Answer]:

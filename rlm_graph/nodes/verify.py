@@ -19,6 +19,7 @@ import regex
 
 from rlm_graph.models import Completion
 from rlm_graph.nodes.types import Answer, Evidence, Item, Kind, Task
+from rlm_graph.source import FILE_HEADER_MARK
 
 __all__ = ["Verdict", "locate_quote", "verify_leaf"]
 
@@ -93,13 +94,15 @@ def locate_quote(text: str, start: int, end: int, quote: str) -> Evidence | None
     if len(cleaned) < MIN_QUOTE_CHARS:
         return None
 
+    if FILE_HEADER_MARK in cleaned:
+        return None  # the joined text's file headers are ours, not the source's
     found = text.find(cleaned, start, end)
     if found >= 0:
         return Evidence(quote=cleaned, start=found, end=found + len(cleaned))
 
     pattern = _tolerant_pattern(cleaned)
     match = pattern.search(text, start, end)
-    if match is None:
+    if match is None or FILE_HEADER_MARK in match.group(0):
         return None
     return Evidence(quote=match.group(0), start=match.start(), end=match.end())
 
@@ -117,7 +120,7 @@ def locate_answer(text: str, start: int, end: int, answer: str, question: str) -
         return None
     for match in _SENTENCE.finditer(text, start, end):
         words = set(_words(match.group(0)))
-        if all(w in words for w in wanted):
+        if FILE_HEADER_MARK not in match.group(0) and all(w in words for w in wanted):
             sentence = match.group(0).strip()
             offset = match.start() + match.group(0).index(sentence)
             return Evidence(quote=sentence, start=offset, end=offset + len(sentence))
