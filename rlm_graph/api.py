@@ -22,7 +22,7 @@ from rlm_graph.graph import build_graph
 from rlm_graph.models import ModelClient
 from rlm_graph.nodes.delegate import Engine, Event
 from rlm_graph.nodes.plan import make_plan
-from rlm_graph.nodes.types import Outcome, Plan
+from rlm_graph.nodes.types import Outcome
 from rlm_graph.result import Citation, Failure, Result, TaskNode
 from rlm_graph.source import Source, load_source, source_from_text
 from rlm_graph.tokens import context_window
@@ -160,11 +160,6 @@ def build_result(run_id: str, engine: Engine, outcome: Outcome, *, elapsed_s: fl
         elapsed_s=round(elapsed_s, 3),
         models=dict(engine.client.models),
     )
-
-
-def describe_plan(engine: Engine) -> Plan:
-    """The plan of a prepared run (for --dry-run style displays)."""
-    return engine.plan
 
 
 def _configure(config: RunConfig | None, settings: dict[str, Any]) -> RunConfig:
