@@ -32,8 +32,9 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 # Before litellm's first import, or it fetches its model cost map from GitHub.
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
+from rlm_graph.tokens import ensure_offline_litellm
+
+ensure_offline_litellm()
 
 import litellm
 from litellm.exceptions import BadRequestError, ContextWindowExceededError, Timeout

@@ -16,12 +16,14 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "DEFAULT_CONTEXT_WINDOW",
     "TokenCounter",
     "context_window",
     "ensure_offline_litellm",
+    "tiktoken_encoding",
     "token_counter",
 ]
 
@@ -67,7 +69,7 @@ def token_counter(model: str) -> TokenCounter:
         return functools.partial(models.count_tokens, name)
 
     bare = model.split("/", 1)[-1].lower()
-    encoding = _encoding("o200k_base" if bare.startswith(_O200K_PREFIXES) else "cl100k_base")
+    encoding = tiktoken_encoding("o200k_base" if bare.startswith(_O200K_PREFIXES) else "cl100k_base")
     is_openai = model.startswith(("openai/", "azure/")) or "/" not in model
     if is_openai and bare.startswith(_OPENAI_PREFIXES):
         return functools.partial(_count, encoding, 1.0)
@@ -103,7 +105,8 @@ def context_window(model: str, override: int | None = None) -> int:
 
 
 @functools.cache
-def _encoding(name: str) -> object:
+def tiktoken_encoding(name: str) -> Any:
+    """Return a tiktoken encoding loaded offline from LiteLLM's bundled files."""
     ensure_offline_litellm()
     import tiktoken
 

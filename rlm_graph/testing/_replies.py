@@ -9,17 +9,15 @@ assertions. It imports neither LiteLLM nor any HTTP code.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
-import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from rlm_graph.tokens import tiktoken_encoding
 
 if TYPE_CHECKING:
     import tiktoken
@@ -378,16 +376,5 @@ def _content_text(content: object) -> str:
     return str(content)
 
 
-@cache
 def _encoding() -> tiktoken.Encoding:
-    # Plain tiktoken downloads its BPE files; the litellm wheel bundles them, so
-    # point tiktoken there (without importing litellm) before the first load.
-    spec = importlib.util.find_spec("litellm")
-    if spec is not None and spec.submodule_search_locations:
-        bundled = Path(spec.submodule_search_locations[0])
-        tokenizers = bundled / "litellm_core_utils" / "tokenizers"
-        os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(tokenizers))
-
-    import tiktoken
-
-    return tiktoken.get_encoding(TOKEN_ENCODING)
+    return tiktoken_encoding(TOKEN_ENCODING)

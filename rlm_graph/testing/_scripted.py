@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import time
 from types import TracebackType
 from typing import Any, Self
@@ -33,8 +32,9 @@ from rlm_graph.testing._replies import (
 
 # Set before the first litellm import so that importing it never reaches for the
 # network (STACK-FINDINGS.md, section 1, "Offline behaviour of litellm").
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
+from rlm_graph.tokens import ensure_offline_litellm
+
+ensure_offline_litellm()
 
 import litellm
 from litellm.exceptions import (
