@@ -72,12 +72,12 @@ class Completion:
 class CallLog(Protocol):
     """Where finished model calls are recorded, keyed by what was sent."""
 
-    def get(self, key: str) -> Completion | None:
+    async def get(self, key: str) -> Completion | None:
         """Return the recorded completion for ``key``, if any."""
         ...
 
-    def put(self, key: str, completion: Completion) -> None:
-        """Record a completion as soon as it returns."""
+    async def put(self, key: str, completion: Completion) -> None:
+        """Record a completion as soon as it returns (durably, when this returns)."""
         ...
 
 
@@ -87,11 +87,11 @@ class MemoryCallLog:
     def __init__(self) -> None:
         self._entries: dict[str, Completion] = {}
 
-    def get(self, key: str) -> Completion | None:
+    async def get(self, key: str) -> Completion | None:
         """Return the recorded completion for ``key``, if any."""
         return self._entries.get(key)
 
-    def put(self, key: str, completion: Completion) -> None:
+    async def put(self, key: str, completion: Completion) -> None:
         """Record a completion."""
         self._entries[key] = completion
 
@@ -178,7 +178,7 @@ class ModelClient:
                 "json_schema": {"name": "answer", "schema": schema, "strict": False},
             }
         key = call_key(self.models[role], messages, params)
-        recorded = self.call_log.get(key)
+        recorded = await self.call_log.get(key)
         if recorded is not None:
             completion = _replace(recorded, cached=True)
             self.usage.cached_calls += 1
@@ -186,7 +186,7 @@ class ModelClient:
             return completion
 
         completion = await self._send_with_retries(role, messages, params)
-        self.call_log.put(key, completion)
+        await self.call_log.put(key, completion)
         self._notify(role, completion)
 
         return completion

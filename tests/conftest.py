@@ -20,6 +20,15 @@ os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
 
 from rlm_graph.testing import ModelRequest, Reply, ScriptedModel  # noqa: E402
 
+
+
+@pytest.fixture(autouse=True)
+def _store_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every run of a test is checkpointed in a fresh SQLite file, never in the user's store."""
+    folder = tmp_path_factory.mktemp("store")
+    monkeypatch.setenv("RLM_GRAPH_STORE", str(folder / "store.sqlite"))
+
+
 EXCERPT = re.compile(r"<<<\n(.*)\n>>>", re.DOTALL)
 
 
