@@ -185,14 +185,13 @@ class ModelClient:
             self._notify(role, completion)
             return completion
 
-        completion = await self._send_with_retries(role, messages, params)
-        await self.call_log.put(key, completion)
+        completion = await self._send_with_retries(role, messages, params, key)
         self._notify(role, completion)
 
         return completion
 
     async def _send_with_retries(
-        self, role: Role, messages: list[dict[str, str]], params: dict[str, Any]
+        self, role: Role, messages: list[dict[str, str]], params: dict[str, Any], key: str
     ) -> Completion:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.config.max_retries + 1),
@@ -204,7 +203,7 @@ class ModelClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._send_once(role, messages, params)
+                    return await self._send_once(role, messages, params, key)
         except ModelCallError:
             raise
         except Exception as exc:
@@ -212,7 +211,7 @@ class ModelClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _send_once(
-        self, role: Role, messages: list[dict[str, str]], params: dict[str, Any]
+        self, role: Role, messages: list[dict[str, str]], params: dict[str, Any], key: str
     ) -> Completion:
         async with self._semaphore:
             self.usage.calls += 1
@@ -222,8 +221,11 @@ class ModelClient:
                 self.router.acompletion(model=role, messages=messages, metadata={}, **params),
                 timeout=self.config.timeout_s + 5,
             )
-        completion = self._completion_from(role, messages, response)
-        _raise_if_error_body(response)
+            completion = self._completion_from(role, messages, response)
+            _raise_if_error_body(response)
+            # Recorded before the slot is freed: at any moment at most
+            # `concurrency` calls are paid for and not yet in the call log.
+            await self.call_log.put(key, completion)
         logger.debug(
             "%s call to %s: %d+%d tokens, %s, %.2f s", role, self.models[role],
             completion.prompt_tokens, completion.completion_tokens,
