@@ -2,13 +2,15 @@
 
 The root task goes through the five stages as graph nodes, so the machine is
 visible when drawn (``build_graph(...).get_graph()``) and every stage boundary
-is a checkpoint. Below the root, each child task runs the same stage functions
-inside a durable LangGraph ``@task`` (``solve``), and every model call is its
-own ``@task`` (``model_call``): a subtree never waits for a slow sibling, a
-parent merges exactly once when its children are done, and a finished call is
-stored the moment it returns. STACK-FINDINGS.md sections 8 and 9 measured this
-shape (H2b) against four others; it was the only one with both independent
-subtrees and no lost results across kills. ``docs/design.md`` has our figures.
+is a checkpoint. Each of the root's children runs the same stage functions for
+its whole subtree inside a durable LangGraph ``@task`` (``solve``); below it the
+recursion is plain asyncio, so a subtree never waits for a slow sibling and a
+parent merges exactly once when its children are done. What survives a crash
+below that level is the store's call log: every model call is recorded the
+moment it returns, and a replay answers it from there. STACK-FINDINGS.md
+sections 8 and 9 chose this shape (H2b); ``docs/design.md`` (Durable runs) has
+why the model calls and deeper tasks stopped being ``@task``s: replaying
+thousands of them cost 5-10 ms each.
 
 Graph state holds spans, small answers and counters, never source text.
 """
@@ -23,7 +25,6 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
 
-from rlm_graph.models import Role
 from rlm_graph.nodes.delegate import CallResult, Decision, Engine
 from rlm_graph.nodes.types import Outcome, Task
 
@@ -60,27 +61,12 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
     """
 
     @durable_task
-    async def model_call(
-        role: Role, messages: list[dict[str, str]], max_tokens: int, schema: dict[str, Any] | None
-    ) -> dict[str, Any]:
-        result = await engine.call_model(role, messages, max_tokens, schema)
-        return result.to_dict()
-
-    @durable_task
     async def solve(task: dict[str, Any]) -> dict[str, Any]:
         outcome = await engine.solve(Task.model_validate(task))
         return outcome.model_dump(mode="json")
 
-    async def durable_call(
-        role: Role, messages: list[dict[str, str]], max_tokens: int, schema: dict[str, Any] | None
-    ) -> CallResult:
-        return CallResult.from_dict(await model_call(role, messages, max_tokens, schema))
-
     async def durable_spawn(task: Task) -> Outcome:
         return Outcome.model_validate(await solve(task.model_dump(mode="json")))
-
-    engine.call = durable_call
-    engine.spawn = durable_spawn
 
     async def plan(state: RunState) -> dict[str, Any]:
         root = Task(
@@ -102,7 +88,12 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
     async def delegate(state: RunState) -> dict[str, Any]:
         children = [Task.model_validate(c) for c in state.get("children") or []]
         if children:
-            outcomes = await asyncio.gather(*(engine.spawn(child) for child in children))
+            # The root's children are durable tasks: a finished top-level subtree
+            # is replayed from its checkpointed result. Below them, and for every
+            # model call, the store's call log is what survives a crash (see
+            # docs/design.md, "Durable runs": replaying thousands of LangGraph
+            # tasks cost 5-10 ms each).
+            outcomes = await asyncio.gather(*(durable_spawn(child) for child in children))
             return {"outcomes": [o.model_dump(mode="json") for o in outcomes]}
         root = Task.model_validate(state["task"])
         result = await engine.leaf_attempt(
