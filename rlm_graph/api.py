@@ -25,7 +25,6 @@ from rlm_graph.nodes.plan import make_plan
 from rlm_graph.nodes.types import Outcome
 from rlm_graph.result import Citation, Failure, Result, TaskNode
 from rlm_graph.source import Source, load_source, source_from_text
-from rlm_graph.tokens import context_window
 
 __all__ = ["arun", "execute", "prepare", "run"]
 
@@ -126,7 +125,7 @@ def prepare(
     config = _configure(config, settings)
     source = _load(paths, text, config, stdin_text)
     client = ModelClient(config, on_call=_call_notifier(on_event))
-    window = context_window(config.leaf_model, config.context_window)
+    window = client.window("worker")
     plan = make_plan(
         question, source, config,
         count=lambda t: client.count_tokens("worker", t), window=window,
@@ -141,6 +140,8 @@ def build_result(run_id: str, engine: Engine, outcome: Outcome, *, elapsed_s: fl
     failures = [_failure(source, o) for o in _failed_leaves(outcome)]
     if outcome.status == "failed":
         status = "failed"
+    elif any(failure.status == "stopped" for failure in failures):
+        status = "stopped"
     elif failures:
         status = "partial"
     else:
@@ -225,7 +226,7 @@ def _citation(source: Source, start: int, end: int) -> Citation:
 
 
 def _failed_leaves(outcome: Outcome) -> list[Outcome]:
-    if outcome.status == "failed" and not outcome.children:
+    if outcome.status in ("failed", "stopped") and not outcome.children:
         return [outcome]
     return [leaf for child in outcome.children for leaf in _failed_leaves(child)]
 
@@ -236,6 +237,7 @@ def _failure(source: Source, outcome: Outcome) -> Failure:
         task_id=outcome.task.id, source=location.file.name,
         start=location.offset, end=location.offset + (outcome.task.end - outcome.task.start),
         reason=outcome.reason or outcome.verdict,
+        status="stopped" if outcome.status == "stopped" else "failed",
     )
 
 
