@@ -376,6 +376,8 @@ def _roles(raw: dict[str, str], groups: dict[str, Any], where: str) -> dict[Role
     for role in ROLES:
         if role not in chosen and role in groups:
             chosen[role] = role
+    if "root" not in chosen and "worker" in chosen:
+        chosen["root"] = chosen["worker"]
     if "root" not in chosen:
         if len(groups) != 1:
             msg = (

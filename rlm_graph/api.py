@@ -160,6 +160,7 @@ def build_result(run_id: str, engine: Engine, outcome: Outcome, *, elapsed_s: fl
         tree=_tree(source, outcome),
         elapsed_s=round(elapsed_s, 3),
         models=dict(engine.client.models),
+        stop_reason=engine.client.budget.reason if status == "stopped" else None,
     )
 
 

@@ -110,5 +110,7 @@ class Result(_Record):
     failures: list[Failure] = Field(default_factory=list)
     tree: TaskNode | None = None
     elapsed_s: float = 0.0
+    stop_reason: str | None = None
+    """Which budget stopped the run, when ``status`` is stopped."""
     models: dict[str, str] = Field(default_factory=dict)
     """Role to model name, as used."""
