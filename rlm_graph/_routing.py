@@ -149,10 +149,28 @@ def routing_table(
     if config.router_config is not None:
         data = _read_yaml(config.router_config)
         table = _table_from_file(data, config, check_model, price_of, config.router_config)
-        return _with_windows(table, window_of)
-    for model in dict.fromkeys((config.root_model, config.leaf_model, config.judge)):
-        check_model(model)
-    return _with_windows(_table_from_flags(config, price_of), window_of)
+    else:
+        for model in dict.fromkeys((config.root_model, config.leaf_model, config.judge)):
+            check_model(model)
+        table = _table_from_flags(config, price_of)
+    _check_prices(config, table)
+
+    return _with_windows(table, window_of)
+
+
+def _check_prices(config: RunConfig, table: RoutingTable) -> None:
+    """Refuse a cost budget when some model's price is unknown (it is never free)."""
+    if config.max_cost is None:
+        return
+    unpriced = sorted({m for g in table.groups.values() if g.price_in is None for m in g.models})
+    if unpriced:
+        msg = (
+            f"--max-cost needs prices, and LiteLLM's price map has none for "
+            f"{', '.join(unpriced)}. Give them with --price-in and --price-out "
+            "(USD per million prompt and completion tokens), or as "
+            "input_cost_per_token/output_cost_per_token in the router config's model_info."
+        )
+        raise ConfigError(msg)
 
 
 def _with_windows(table: RoutingTable, window_of: Callable[[str], int]) -> RoutingTable:

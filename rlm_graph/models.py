@@ -168,7 +168,6 @@ class ModelClient:
         }
         self.usage = Usage()
         self.budget = Budget(config)
-        _check_prices(config, self.table)
         self.call_log: CallLog = call_log if call_log is not None else MemoryCallLog()
         self._on_call = on_call
         self._semaphore = asyncio.Semaphore(config.concurrency)
@@ -484,7 +483,10 @@ def _price_of(litellm: Any, model: str) -> tuple[float, float] | None:
     except Exception:  # litellm raises a bare Exception for unmapped models
         return None
     price_in, price_out = info.get("input_cost_per_token"), info.get("output_cost_per_token")
-    if price_in is None:
+    # A Router registers each unknown deployment as an empty price-map entry,
+    # which get_model_info then reports as free (K17); that is no price.
+    entry = litellm.model_cost.get(info.get("key") or model)
+    if price_in is None or (entry is not None and "input_cost_per_token" not in entry):
         return None
     return float(price_in), float(price_out if price_out is not None else price_in)
 
@@ -493,23 +495,6 @@ def _cost_of(group: Group, prompt_tokens: int, completion_tokens: int) -> float 
     if group.price_in is None or group.price_out is None:
         return None
     return prompt_tokens * group.price_in + completion_tokens * group.price_out
-
-
-def _check_prices(config: RunConfig, table: RoutingTable) -> None:
-    """Refuse a cost budget when some model's price is unknown (it is never free)."""
-    if config.max_cost is None:
-        return
-    unpriced = sorted(
-        {m for g in table.groups.values() if g.price_in is None for m in g.models}
-    )
-    if unpriced:
-        msg = (
-            f"--max-cost needs prices, and LiteLLM's price map has none for "
-            f"{', '.join(unpriced)}. Give them with --price-in and --price-out "
-            "(USD per million prompt and completion tokens), or as "
-            "input_cost_per_token/output_cost_per_token in the router config's model_info."
-        )
-        raise ConfigError(msg)
 
 
 def _secrets_of(config: RunConfig, *model_lists: list[dict[str, Any]]) -> list[str]:
