@@ -44,6 +44,7 @@ __all__ = ["CallLog", "Completion", "MemoryCallLog", "ModelClient", "Role", "cal
 logger = logging.getLogger(__name__)
 
 MAX_RETRY_WAIT_S = 120.0
+MIN_MASKED_KEY_CHARS = 4
 DEFAULT_RATE_LIMIT_PAUSE_S = 1.0
 """How long a quota pauses after a 429 that gave no Retry-After."""
 # Phrases servers use for "prompt too long" when they do not send a typed error:
@@ -500,15 +501,16 @@ def _cost_of(group: Group, prompt_tokens: int, completion_tokens: int) -> float 
 def _secrets_of(config: RunConfig, *model_lists: list[dict[str, Any]]) -> list[str]:
     """Every key value the client could meet in an error text, longest first."""
     found = set()
-    if config.api_key is not None and config.api_key.get_secret_value():
+    if config.api_key is not None:
         found.add(config.api_key.get_secret_value())
     for model_list in model_lists:
         for deployment in model_list:
             params = deployment.get("litellm_params") or {}
             key = params.get("api_key")
-            if isinstance(key, str) and len(key) >= 4 and not key.startswith("os.environ/"):
+            if isinstance(key, str) and not key.startswith("os.environ/"):
                 found.add(key)
-    return sorted(found, key=len, reverse=True)
+    # Shorter values are no real key, and masking them would garble every message.
+    return sorted((key for key in found if len(key) >= MIN_MASKED_KEY_CHARS), key=len, reverse=True)
 
 
 def _check_model_name(litellm: Any, model: str) -> None:
