@@ -34,9 +34,9 @@ from contextlib import contextmanager
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
 
-from rlm_graph import RunConfig, arun  # noqa: E402
-from rlm_graph.models import ModelClient  # noqa: E402
-from rlm_graph.testing import FakeOpenAIServer, ModelRequest, Reply  # noqa: E402
+from rlm_graph import RunConfig, arun
+from rlm_graph.models import ModelClient
+from rlm_graph.testing import FakeOpenAIServer, ModelRequest, Reply
 
 PARAGRAPH = (
     "Paragraph {i}. The river ran slowly past the old mill while the town slept and "
@@ -60,7 +60,9 @@ def served(latency: float) -> Iterator[str]:
     """Start the double in a child process; yield its api_base."""
     child = subprocess.Popen(
         [sys.executable, __file__, "--serve", str(latency)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert child.stdout is not None
@@ -71,34 +73,56 @@ def served(latency: float) -> Iterator[str]:
         child.wait(timeout=10)
 
 
-async def client_throughput(api_base: str, calls: int, concurrency: int) -> tuple[float, float]:
+async def client_throughput(
+    api_base: str, calls: int, concurrency: int
+) -> tuple[float, float]:
     """Calls per second through ModelClient.complete, and CPU ms per call."""
     config = RunConfig(
-        model="openai/fake-model", api_base=api_base, api_key="sk-bench",
-        context_window=4096, concurrency=concurrency,
+        model="openai/fake-model",
+        api_base=api_base,
+        api_key="sk-bench",
+        context_window=4096,
+        concurrency=concurrency,
     )
     client = ModelClient(config)
-    await asyncio.gather(*(
-        client.complete("worker", [{"role": "user", "content": f"warm-up {i}"}], max_tokens=8)
-        for i in range(concurrency)
-    ))
+    await asyncio.gather(
+        *(
+            client.complete(
+                "worker", [{"role": "user", "content": f"warm-up {i}"}], max_tokens=8
+            )
+            for i in range(concurrency)
+        )
+    )
     started, cpu = time.monotonic(), time.process_time()
-    await asyncio.gather(*(
-        client.complete("worker", [{"role": "user", "content": f"question {i}"}], max_tokens=8)
-        for i in range(calls)
-    ))
+    await asyncio.gather(
+        *(
+            client.complete(
+                "worker", [{"role": "user", "content": f"question {i}"}], max_tokens=8
+            )
+            for i in range(calls)
+        )
+    )
     elapsed = time.monotonic() - started
     return calls / elapsed, (time.process_time() - cpu) / calls * 1000
 
 
-async def engine_throughput(api_base: str, leaves: int, concurrency: int) -> tuple[float, int, float]:
+async def engine_throughput(
+    api_base: str, leaves: int, concurrency: int
+) -> tuple[float, int, float]:
     """Calls per second of a whole run with about ``leaves`` leaf calls."""
     text = "\n\n".join(PARAGRAPH.format(i=i) for i in range(leaves)) + "\n"
     started, cpu = time.monotonic(), time.process_time()
     result = await arun(
-        "List every visitor named in the text.", text=text, model="openai/fake-model",
-        api_base=api_base, api_key="sk-bench", context_window=4096,
-        chunk_tokens=40, overlap_tokens=0, concurrency=concurrency, fan_out=16,
+        "List every visitor named in the text.",
+        text=text,
+        model="openai/fake-model",
+        api_base=api_base,
+        api_key="sk-bench",
+        context_window=4096,
+        chunk_tokens=40,
+        overlap_tokens=0,
+        concurrency=concurrency,
+        fan_out=16,
     )
     elapsed = time.monotonic() - started
     calls = result.usage.calls
@@ -116,18 +140,28 @@ def main() -> None:
         serve(args.serve)
         return
 
-    print(f"{args.calls} calls, {args.latency * 1000:.0f} ms per call (FakeOpenAIServer, child process)")
+    print(
+        f"{args.calls} calls, {args.latency * 1000:.0f} ms per call (FakeOpenAIServer, child process)"
+    )
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print("layer    concurrency  ideal/s  measured/s  ratio  CPU ms/call")
     with served(args.latency) as api_base:
         for concurrency in args.concurrency:
             ideal = concurrency / args.latency
-            rate, cpu_ms = asyncio.run(client_throughput(api_base, args.calls, concurrency))
-            print(f"client   {concurrency:>11}  {ideal:>7.1f}  {rate:>10.1f}  {rate / ideal:>5.0%}  {cpu_ms:>11.1f}")
+            rate, cpu_ms = asyncio.run(
+                client_throughput(api_base, args.calls, concurrency)
+            )
+            print(
+                f"client   {concurrency:>11}  {ideal:>7.1f}  {rate:>10.1f}  {rate / ideal:>5.0%}  {cpu_ms:>11.1f}"
+            )
         for concurrency in args.concurrency:
             ideal = concurrency / args.latency
-            rate, calls, cpu_ms = asyncio.run(engine_throughput(api_base, args.calls, concurrency))
-            print(f"engine   {concurrency:>11}  {ideal:>7.1f}  {rate:>10.1f}  {rate / ideal:>5.0%}  {cpu_ms:>11.1f}  ({calls} calls)")
+            rate, calls, cpu_ms = asyncio.run(
+                engine_throughput(api_base, args.calls, concurrency)
+            )
+            print(
+                f"engine   {concurrency:>11}  {ideal:>7.1f}  {rate:>10.1f}  {rate / ideal:>5.0%}  {cpu_ms:>11.1f}  ({calls} calls)"
+            )
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
 

@@ -61,10 +61,16 @@ ROLES: tuple[Role, ...] = ("root", "worker", "judge")
 
 # Router settings passed through from the YAML file; anything else there is
 # rejected so a misspelt setting is not silently ignored.
-_ROUTER_SETTINGS = frozenset({
-    "cooldown_time", "allowed_fails", "routing_strategy", "retry_after",
-    "disable_cooldowns", "enable_pre_call_checks",
-})
+_ROUTER_SETTINGS = frozenset(
+    {
+        "cooldown_time",
+        "allowed_fails",
+        "routing_strategy",
+        "retry_after",
+        "disable_cooldowns",
+        "enable_pre_call_checks",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,9 +154,13 @@ def routing_table(
     """
     if config.router_config is not None:
         data = _read_yaml(config.router_config)
-        table = _table_from_file(data, config, check_model, price_of, config.router_config)
+        table = _table_from_file(
+            data, config, check_model, price_of, config.router_config
+        )
     else:
-        for model in dict.fromkeys((config.root_model, config.leaf_model, config.judge)):
+        for model in dict.fromkeys(
+            (config.root_model, config.leaf_model, config.judge)
+        ):
             check_model(model)
         table = _table_from_flags(config, price_of)
     _check_prices(config, table)
@@ -162,7 +172,9 @@ def _check_prices(config: RunConfig, table: RoutingTable) -> None:
     """Refuse a cost budget when some model's price is unknown (it is never free)."""
     if config.max_cost is None:
         return
-    unpriced = sorted({m for g in table.groups.values() if g.price_in is None for m in g.models})
+    unpriced = sorted(
+        {m for g in table.groups.values() if g.price_in is None for m in g.models}
+    )
     if unpriced:
         msg = (
             f"--max-cost needs prices, and LiteLLM's price map has none for "
@@ -177,7 +189,9 @@ def _with_windows(table: RoutingTable, window_of: Callable[[str], int]) -> Routi
     """Fill in the windows the config did not state, from LiteLLM's model map."""
     for name, group in table.groups.items():
         if group.window <= 0:
-            table.groups[name] = replace(group, window=min(window_of(m) for m in group.models))
+            table.groups[name] = replace(
+                group, window=min(window_of(m) for m in group.models)
+            )
     return table
 
 
@@ -186,7 +200,9 @@ def _table_from_flags(
     price_of: Callable[[str], tuple[float, float] | None],
 ) -> RoutingTable:
     names: dict[Role, str] = {
-        "root": config.root_model, "worker": config.leaf_model, "judge": config.judge,
+        "root": config.root_model,
+        "worker": config.leaf_model,
+        "judge": config.judge,
     }
     model_list = [
         {"model_name": role, "litellm_params": _flag_params(config, model)}
@@ -194,7 +210,9 @@ def _table_from_flags(
     ]
     groups = {
         role: Group(
-            name=role, models=(model,), window=0,
+            name=role,
+            models=(model,),
+            window=0,
             timeout_s=config.timeout_s,
             quotas=frozenset({f"model:{model}"}),
             **_prices(config, [(model, {})], price_of),
@@ -267,7 +285,9 @@ def _table_from_file(
 
     settings = {**parsed.litellm_settings, **parsed.router_settings}
     fallbacks = _fallback_map(settings.pop("fallbacks", None), by_group, where)
-    context_fallbacks = _fallback_map(settings.pop("context_window_fallbacks", None), by_group, where)
+    context_fallbacks = _fallback_map(
+        settings.pop("context_window_fallbacks", None), by_group, where
+    )
     unknown = sorted(set(settings) - _ROUTER_SETTINGS)
     if unknown:
         msg = (
@@ -280,7 +300,11 @@ def _table_from_file(
     model_list = [
         {
             "model_name": d.model_name,
-            "litellm_params": {"timeout": config.timeout_s, **d.litellm_params, "max_retries": 0},
+            "litellm_params": {
+                "timeout": config.timeout_s,
+                **d.litellm_params,
+                "max_retries": 0,
+            },
             "model_info": {k: v for k, v in d.model_info.items() if k != "quota"},
         }
         for d in parsed.model_list
@@ -290,8 +314,12 @@ def _table_from_file(
         for name, deployments in by_group.items()
     }
     return RoutingTable(
-        model_list=model_list, roles=roles, groups=groups, fallbacks=fallbacks,
-        context_fallbacks=context_fallbacks, router_settings=settings,
+        model_list=model_list,
+        roles=roles,
+        groups=groups,
+        fallbacks=fallbacks,
+        context_fallbacks=context_fallbacks,
+        router_settings=settings,
     )
 
 
@@ -303,7 +331,9 @@ def _group(
 ) -> Group:
     windows, timeouts, quotas = [], [], set()
     for d in deployments:
-        info_window = d.model_info.get("max_input_tokens") or d.model_info.get("max_tokens")
+        info_window = d.model_info.get("max_input_tokens") or d.model_info.get(
+            "max_tokens"
+        )
         # 0: not stated; filled in from LiteLLM's model map afterwards.
         windows.append(int(info_window) if info_window else 0)
         timeouts.append(float(d.litellm_params.get("timeout") or config.timeout_s))
@@ -316,9 +346,15 @@ def _group(
         timeout_s=max(timeouts),
         rpm=_summed(d.litellm_params.get("rpm") for d in deployments),
         tpm=_summed(d.litellm_params.get("tpm") for d in deployments),
-        max_parallel=_summed(d.litellm_params.get("max_parallel_requests") for d in deployments),
+        max_parallel=_summed(
+            d.litellm_params.get("max_parallel_requests") for d in deployments
+        ),
         quotas=frozenset(quotas),
-        **_prices(config, [(d.litellm_params["model"], d.model_info) for d in deployments], price_of),
+        **_prices(
+            config,
+            [(d.litellm_params["model"], d.model_info) for d in deployments],
+            price_of,
+        ),
     )
 
 
@@ -335,11 +371,17 @@ def _prices(
         elif info.get("input_cost_per_token") is not None:
             price = (
                 float(info["input_cost_per_token"]),
-                float(info.get("output_cost_per_token") or info["input_cost_per_token"]),
+                float(
+                    info.get("output_cost_per_token") or info["input_cost_per_token"]
+                ),
             )
         elif config.price_in is not None or config.price_out is not None:
-            given_in = config.price_in if config.price_in is not None else config.price_out
-            given_out = config.price_out if config.price_out is not None else config.price_in
+            given_in = (
+                config.price_in if config.price_in is not None else config.price_out
+            )
+            given_out = (
+                config.price_out if config.price_out is not None else config.price_in
+            )
             price = (float(given_in or 0) / 1e6, float(given_out or 0) / 1e6)
         else:
             price = price_of(model)
@@ -360,7 +402,9 @@ def _summed(values: Iterable[Any]) -> int | None:
     return total
 
 
-def _fallback_map(raw: Any, groups: dict[str, Any], where: str) -> dict[str, tuple[str, ...]]:
+def _fallback_map(
+    raw: Any, groups: dict[str, Any], where: str
+) -> dict[str, tuple[str, ...]]:
     if raw is None:
         return {}
     entries = raw if isinstance(raw, list) else [raw]
@@ -416,7 +460,12 @@ class Pacer:
     leaving the bucket in debt, so no request is refused for its size.
     """
 
-    def __init__(self, rate_per_s: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.rate_per_s = rate_per_s
         self.burst = max(burst, 1.0)
         self._level = self.burst
@@ -440,7 +489,9 @@ class Pacer:
 
     def _refill(self) -> None:
         now = self._clock()
-        self._level = min(self.burst, self._level + (now - self._stamp) * self.rate_per_s)
+        self._level = min(
+            self.burst, self._level + (now - self._stamp) * self.rate_per_s
+        )
         self._stamp = now
 
 

@@ -50,7 +50,9 @@ class Budget:
         clock: seconds, monotonic; the run's time starts when the budget is made.
     """
 
-    def __init__(self, config: RunConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, config: RunConfig, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.max_calls = config.max_calls
         self.max_tokens = config.max_tokens
         self.max_cost = config.max_cost
@@ -91,20 +93,33 @@ class Budget:
         """
         if self.reason is not None:
             raise BudgetExceeded(self._message())
-        if self.max_calls is not None and self.calls + 1 > self.max_calls:
-            raise self.stop("max-calls", f"{self.max_calls} calls")
-        if self.max_tokens is not None and self.tokens + self._held_tokens + tokens > self.max_tokens:
-            raise self.stop("max-tokens", f"{self.max_tokens:,} tokens")
-        if self.max_cost is not None and self.cost_usd + self._held_cost + (cost or 0) > self.max_cost:
-            raise self.stop("max-cost", f"${self.max_cost:g}")
-        remaining = self.remaining_s()
-        if remaining is not None and remaining <= 0:
-            raise self.stop("max-time", f"{self.max_time_s:g} s")
+        crossed = self._crossed(tokens, cost or 0.0)
+        if crossed is not None:
+            raise self.stop(*crossed)
 
         self.calls += 1
         self._held_tokens += tokens
         self._held_cost += cost or 0.0
         return _Reservation(tokens, cost or 0.0)
+
+    def _crossed(self, tokens: int, cost: float) -> tuple[str, str] | None:
+        """The limit (name, value) one more attempt could cross, if any."""
+        if self.max_calls is not None and self.calls + 1 > self.max_calls:
+            return "max-calls", f"{self.max_calls} calls"
+        if (
+            self.max_tokens is not None
+            and self.tokens + self._held_tokens + tokens > self.max_tokens
+        ):
+            return "max-tokens", f"{self.max_tokens:,} tokens"
+        if (
+            self.max_cost is not None
+            and self.cost_usd + self._held_cost + cost > self.max_cost
+        ):
+            return "max-cost", f"${self.max_cost:g}"
+        remaining = self.remaining_s()
+        if remaining is not None and remaining <= 0:
+            return "max-time", f"{self.max_time_s:g} s"
+        return None
 
     def settle(self, reservation: _Reservation, tokens: int, cost: float) -> None:
         """Replace an attempt's reservation by what it really spent."""
@@ -157,8 +172,14 @@ def estimate(engine: Engine) -> Estimate:
     from rlm_graph.nodes.types import Task
 
     plan = engine.plan
-    root = Task(id="0", start=0, end=len(engine.source.text), depth=0,
-                question=plan.question, tokens=plan.source_tokens)
+    root = Task(
+        id="0",
+        start=0,
+        end=len(engine.source.text),
+        depth=0,
+        question=plan.question,
+        tokens=plan.source_tokens,
+    )
     leaves: list[Task] = []
     skipped, merges, depth = 0, 0, 0
     stack = [root]
@@ -176,18 +197,34 @@ def estimate(engine: Engine) -> Estimate:
         else:
             leaves.append(task)
 
-    empty = leaf_messages(plan.kind, root.model_copy(update={"end": 0}), "", feedback=None, file_hint="")
-    overhead = engine.client.count_tokens("worker", "\n".join(m["content"] for m in empty))
+    empty = leaf_messages(
+        plan.kind, root.model_copy(update={"end": 0}), "", feedback=None, file_hint=""
+    )
+    overhead = engine.client.count_tokens(
+        "worker", "\n".join(m["content"] for m in empty)
+    )
     leaf_prompt = sum(task.tokens + overhead for task in leaves)
-    merge_prompt = merges * engine.client.count_tokens(
-        "root", "\n".join(m["content"] for m in merge_messages(plan.question, ["x" * 4] * plan.fan_in))
-    ) + merges * plan.fan_in * plan.output_tokens
+    merge_prompt = (
+        merges
+        * engine.client.count_tokens(
+            "root",
+            "\n".join(
+                m["content"]
+                for m in merge_messages(plan.question, ["x" * 4] * plan.fan_in)
+            ),
+        )
+        + merges * plan.fan_in * plan.output_tokens
+    )
     leaf_out = len(leaves) * plan.output_tokens
     merge_out = merges * plan.max_output_tokens
 
     return Estimate(
-        pieces=len(leaves), skipped=skipped, leaf_calls=len(leaves), merge_calls=merges,
-        calls=len(leaves) + merges, prompt_tokens=leaf_prompt + merge_prompt,
+        pieces=len(leaves),
+        skipped=skipped,
+        leaf_calls=len(leaves),
+        merge_calls=merges,
+        calls=len(leaves) + merges,
+        prompt_tokens=leaf_prompt + merge_prompt,
         completion_tokens=leaf_out + merge_out,
         cost_usd=_priced(engine, leaf_prompt, leaf_out, merge_prompt, merge_out),
         depth=depth,
@@ -199,7 +236,9 @@ def _merge_calls(children: int, fan_in: int) -> int:
     return math.ceil((children - 1) / (fan_in - 1)) if children > 1 else 0
 
 
-def _priced(engine: Engine, leaf_in: int, leaf_out: int, merge_in: int, merge_out: int) -> float | None:
+def _priced(
+    engine: Engine, leaf_in: int, leaf_out: int, merge_in: int, merge_out: int
+) -> float | None:
     worker, root = engine.client.prices("worker"), engine.client.prices("root")
     if worker is None or (root is None and merge_in):
         return None

@@ -32,10 +32,15 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from rlm_graph._routing import Group, Pacer, QuotaGates, Role, RoutingTable, routing_table
+from rlm_graph._routing import Group, Pacer, QuotaGates, Role, routing_table
 from rlm_graph.budget import Budget
 from rlm_graph.config import RunConfig
-from rlm_graph.errors import BudgetExceeded, ConfigError, ContextWindowError, ModelCallError
+from rlm_graph.errors import (
+    BudgetExceeded,
+    ConfigError,
+    ContextWindowError,
+    ModelCallError,
+)
 from rlm_graph.result import Usage
 from rlm_graph.tokens import context_window, ensure_offline_litellm, token_counter
 
@@ -359,9 +364,10 @@ class ModelClient:
                 timeout=min(timeout, remaining) if cut_by_budget and remaining else timeout,
             )
         except TimeoutError as exc:
-            if cut_by_budget:
-                raise self.budget.stop("max-time", f"{self.config.max_time_s:g} s") from exc
-            raise
+            if not cut_by_budget:
+                raise
+            stop = self.budget.stop("max-time", f"{self.config.max_time_s:g} s")
+            raise stop from exc
 
     def _block_quota_after(self, group: Group, exc: BaseException) -> None:
         if not isinstance(exc, self._litellm.RateLimitError):

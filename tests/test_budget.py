@@ -18,14 +18,21 @@ from rlm_graph.testing import Reply
 
 from .conftest import list_reply, numbered_paragraphs
 
-SETTINGS = {"model": "scripted/m", "context_window": 4096, "chunk_tokens": 200, "overlap_tokens": 16}
+SETTINGS = {
+    "model": "scripted/m",
+    "context_window": 4096,
+    "chunk_tokens": 200,
+    "overlap_tokens": 16,
+}
 NAMES = ["Ada", "Brook", "Cyrus", "Delia", "Ezra", "Fern", "Gus", "Hal"]
 QUESTION = "List every visitor named in the text."
 
 
 @pytest.fixture
 def visitors() -> str:
-    needles = {i * 7 + 2: f"The visitor named {name} arrived." for i, name in enumerate(NAMES)}
+    needles = {
+        i * 7 + 2: f"The visitor named {name} arrived." for i, name in enumerate(NAMES)
+    }
     return numbered_paragraphs(60, needle_at=needles)
 
 
@@ -35,7 +42,9 @@ def assert_stopped_cleanly(result, text: str) -> None:
     assert all(f.status == "stopped" and "budget" in f.reason for f in result.failures)
     for failure in result.failures:
         assert 0 <= failure.start < failure.end <= len(text)
-    assert set(result.answer) < set(NAMES), "the answer holds what was found before the stop"
+    assert set(result.answer) < set(NAMES), (
+        "the answer holds what was found before the stop"
+    )
 
 
 async def test_max_calls_stops_with_a_partial_answer(scripted, visitors):
@@ -49,7 +58,9 @@ async def test_max_calls_stops_with_a_partial_answer(scripted, visitors):
 
 async def test_max_tokens_is_never_exceeded_even_by_parallel_calls(scripted, visitors):
     scripted(list_reply(r"The visitor named (\w+) arrived\."))
-    result = await arun(QUESTION, text=visitors, max_tokens=3000, concurrency=8, **SETTINGS)
+    result = await arun(
+        QUESTION, text=visitors, max_tokens=3000, concurrency=8, **SETTINGS
+    )
 
     assert_stopped_cleanly(result, visitors)
     assert 0 < result.usage.prompt_tokens + result.usage.completion_tokens <= 3000
@@ -59,7 +70,13 @@ async def test_max_cost_with_user_given_prices(scripted, visitors):
     scripted(list_reply(r"The visitor named (\w+) arrived\."))
     # $100 per million tokens: about a cent per 100-token call.
     result = await arun(
-        QUESTION, text=visitors, max_cost=0.1, price_in=100, price_out=100, concurrency=4, **SETTINGS
+        QUESTION,
+        text=visitors,
+        max_cost=0.1,
+        price_in=100,
+        price_out=100,
+        concurrency=4,
+        **SETTINGS,
     )
 
     assert_stopped_cleanly(result, visitors)
@@ -68,11 +85,16 @@ async def test_max_cost_with_user_given_prices(scripted, visitors):
 
 async def test_max_time_stops_a_slow_run_on_time(scripted, visitors):
     def slow(request):
-        return Reply(content=list_reply(r"The visitor named (\w+) arrived\.")(request), latency_s=0.4)
+        return Reply(
+            content=list_reply(r"The visitor named (\w+) arrived\.")(request),
+            latency_s=0.4,
+        )
 
     scripted(slow)
     started = time.monotonic()
-    result = await arun(QUESTION, text=visitors, max_time_s=1.0, concurrency=2, **SETTINGS)
+    result = await arun(
+        QUESTION, text=visitors, max_time_s=1.0, concurrency=2, **SETTINGS
+    )
     elapsed = time.monotonic() - started
 
     assert_stopped_cleanly(result, visitors)
@@ -82,11 +104,18 @@ async def test_max_time_stops_a_slow_run_on_time(scripted, visitors):
 async def test_without_a_budget_the_run_is_done(scripted, visitors):
     scripted(list_reply(r"The visitor named (\w+) arrived\."))
     result = await arun(QUESTION, text=visitors, **SETTINGS)
-    assert result.status == "done" and result.answer == NAMES and result.stop_reason is None
+    assert (
+        result.status == "done"
+        and result.answer == NAMES
+        and result.stop_reason is None
+    )
 
 
 def test_max_cost_with_an_unpriced_model_refuses_to_start():
-    settings = {"model": "openai/some-private-model", "api_base": "http://127.0.0.1:9/v1"}
+    settings = {
+        "model": "openai/some-private-model",
+        "api_base": "http://127.0.0.1:9/v1",
+    }
     # A first client's Router registers the model with an empty price entry
     # (K17); the model must still count as unpriced afterwards.
     assert ModelClient(RunConfig(**settings)).prices("worker") is None
@@ -145,15 +174,36 @@ def test_dry_run_cli_prints_the_plan_and_calls_nothing(scripted, visitors, tmp_p
     double = scripted(list_reply(r"The visitor named (\w+) arrived\."))
     path = tmp_path / "book.txt"
     path.write_text(visitors)
-    args = ["run", str(path), "-q", QUESTION, "--model", "scripted/m", "--context-window", "4096",
-            "--chunk-tokens", "200", "--dry-run", "--price-in", "2", "--price-out", "8"]
+    args = [
+        "run",
+        str(path),
+        "-q",
+        QUESTION,
+        "--model",
+        "scripted/m",
+        "--context-window",
+        "4096",
+        "--chunk-tokens",
+        "200",
+        "--dry-run",
+        "--price-in",
+        "2",
+        "--price-out",
+        "8",
+    ]
     human = CliRunner().invoke(main, args)
     as_json = CliRunner().invoke(main, [*args, "--json"])
 
     assert human.exit_code == 0, human.output
-    assert "pieces:" in human.stdout and "calls:" in human.stdout and "cost:" in human.stdout
+    assert (
+        "pieces:" in human.stdout
+        and "calls:" in human.stdout
+        and "cost:" in human.stdout
+    )
     data = json.loads(as_json.stdout)
-    assert data["pieces"] > 1 and data["calls"] >= data["pieces"] and data["cost_usd"] > 0
+    assert (
+        data["pieces"] > 1 and data["calls"] >= data["pieces"] and data["cost_usd"] > 0
+    )
     assert double.requests == []
 
 
@@ -161,10 +211,25 @@ def test_cli_budget_stop_exits_1_and_says_why(scripted, visitors, tmp_path):
     scripted(list_reply(r"The visitor named (\w+) arrived\."))
     path = tmp_path / "book.txt"
     path.write_text(visitors)
-    result = CliRunner().invoke(main, [
-        "run", str(path), "-q", QUESTION, "--model", "scripted/m", "--context-window", "4096",
-        "--chunk-tokens", "200", "--max-calls", "3", "--concurrency", "1",
-    ])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(path),
+            "-q",
+            QUESTION,
+            "--model",
+            "scripted/m",
+            "--context-window",
+            "4096",
+            "--chunk-tokens",
+            "200",
+            "--max-calls",
+            "3",
+            "--concurrency",
+            "1",
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert "max-calls budget of 3 calls reached" in result.stderr
     assert "Traceback" not in result.output
@@ -173,9 +238,22 @@ def test_cli_budget_stop_exits_1_and_says_why(scripted, visitors, tmp_path):
 def test_cli_max_cost_without_prices_is_a_one_line_error(tmp_path):
     path = tmp_path / "book.txt"
     path.write_text("some text")
-    result = CliRunner().invoke(main, [
-        "run", str(path), "-q", "What?", "--model", "openai/private-thing",
-        "--api-base", "http://127.0.0.1:9/v1", "--max-cost", "1",
-    ])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(path),
+            "-q",
+            "What?",
+            "--model",
+            "openai/private-thing",
+            "--api-base",
+            "http://127.0.0.1:9/v1",
+            "--max-cost",
+            "1",
+        ],
+    )
     assert result.exit_code == 2
-    assert "--price-in" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (
+        "--price-in" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    )

@@ -21,15 +21,31 @@ from .conftest import excerpt_of, list_reply, numbered_paragraphs
 
 QUESTION = "List every visitor named in the text."
 FAIL_PER_MILLE = 300
-KINDS = ("rate_limit", "server_error", "timeout", "empty", "truncated", "malformed", "context")
+KINDS = (
+    "rate_limit",
+    "server_error",
+    "timeout",
+    "empty",
+    "truncated",
+    "malformed",
+    "context",
+)
 SETTINGS = {
-    "context_window": 4096, "chunk_tokens": 200, "overlap_tokens": 8, "max_depth": 6,
-    "concurrency": 24, "timeout_s": 0.5, "max_retries": 3, "api_key": "sk-storm-key",
+    "context_window": 4096,
+    "chunk_tokens": 200,
+    "overlap_tokens": 8,
+    "max_depth": 6,
+    "concurrency": 24,
+    "timeout_s": 0.5,
+    "max_retries": 3,
+    "api_key": "sk-storm-key",
 }
 
 
 def book() -> str:
-    needles = {i * 14 + 5: f"The visitor named Guest{i:03d} arrived." for i in range(70)}
+    needles = {
+        i * 14 + 5: f"The visitor named Guest{i:03d} arrived." for i in range(70)
+    }
     return numbered_paragraphs(1000, needle_at=needles, words=60)
 
 
@@ -54,7 +70,11 @@ class Storm:
             return Reply(error="context_window")  # the same prompt is refused again
         # A re-ask carries the reason of the failure before it: it is a second
         # attempt of its task, not a first one.
-        if excerpt is None or not first or "previous reply was rejected" in request.prompt:
+        if (
+            excerpt is None
+            or not first
+            or "previous reply was rejected" in request.prompt
+        ):
             return self.clean(request)
 
         digest = int(hashlib.sha256(request.prompt.encode()).hexdigest()[:12], 16)
@@ -64,7 +84,9 @@ class Storm:
             return self.clean(request)
         kind = KINDS[(digest // 1000) % len(KINDS)]
         if kind == "context" and self.count(excerpt) < 2 * MIN_LEAF_TOKENS:
-            kind = "server_error"  # too small to split: the server would not say so either
+            kind = (
+                "server_error"  # too small to split: the server would not say so either
+            )
         with self._lock:
             self.injected[kind] += 1
         return self._failure(kind, request)
@@ -88,17 +110,33 @@ async def test_fault_storm_answer_equals_the_clean_run():
     text = book()
     clean_responder = list_reply(r"The visitor named (\w+) arrived\.")
     with FakeOpenAIServer(clean_responder) as server:
-        clean = await arun(QUESTION, text=text, model="openai/fake-model", api_base=server.api_base, **SETTINGS)
+        clean = await arun(
+            QUESTION,
+            text=text,
+            model="openai/fake-model",
+            api_base=server.api_base,
+            **SETTINGS,
+        )
         clean_attempts = len(server.requests)
 
     storm = Storm()
     with FakeOpenAIServer(storm) as server:
-        stormy = await arun(QUESTION, text=text, model="openai/fake-model", api_base=server.api_base, **SETTINGS)
+        stormy = await arun(
+            QUESTION,
+            text=text,
+            model="openai/fake-model",
+            api_base=server.api_base,
+            **SETTINGS,
+        )
         attempts = len(server.requests)
-        resent_context = [p for p in storm.context_prompts if server.calls_per_prompt[p] > 1]
+        resent_context = [
+            p for p in storm.context_prompts if server.calls_per_prompt[p] > 1
+        ]
 
     injected = sum(storm.injected.values())
-    assert clean.status == "done" and clean_attempts >= 500, "the storm needs 500 leaf calls"
+    assert clean.status == "done" and clean_attempts >= 500, (
+        "the storm needs 500 leaf calls"
+    )
     assert 0.25 <= injected / storm.first_attempts <= 0.35
     assert set(storm.injected) == set(KINDS), storm.injected
 

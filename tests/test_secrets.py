@@ -24,7 +24,10 @@ SEEN: set[str] = set()
 def book(tmp_path):
     SEEN.clear()
     path = tmp_path / "book.txt"
-    needles = {3: "The visitor named Ada arrived.", 17: "The visitor named Brook arrived."}
+    needles = {
+        3: "The visitor named Ada arrived.",
+        17: "The visitor named Brook arrived.",
+    }
     path.write_text(numbered_paragraphs(24, needle_at=needles))
     return path
 
@@ -33,13 +36,18 @@ def flaky_then_clean(request: ModelRequest) -> Reply | str:
     """Every prompt first meets a 429, then a clean answer: retries get logged."""
     if request.prompt not in SEEN:
         SEEN.add(request.prompt)
-        return Reply(error="rate_limit", retry_after="0.05", error_message=f"slow down, key {KEY}")
+        return Reply(
+            error="rate_limit",
+            retry_after="0.05",
+            error_message=f"slow down, key {KEY}",
+        )
     return list_reply(r"The visitor named (\w+) arrived\.")(request)
 
 
 def everything_said(result, caplog) -> str:
     records = "\n".join(
-        f"{r.getMessage()} {r.args!r} {getattr(r, '__dict__', {})!r}" for r in caplog.records
+        f"{r.getMessage()} {r.args!r} {getattr(r, '__dict__', {})!r}"
+        for r in caplog.records
     )
     said = "\n".join([result.stdout, result.stderr, records, repr(result.exception)])
     # Rich wraps log lines at the console width: a key cut in two must still be found.
@@ -47,14 +55,34 @@ def everything_said(result, caplog) -> str:
 
 
 def run_cli(*args: str):
-    return CliRunner().invoke(main, ["run", *args, "-q", QUESTION, "--context-window", "4096",
-                                     "--chunk-tokens", "200", "-vv", "--json"])
+    return CliRunner().invoke(
+        main,
+        [
+            "run",
+            *args,
+            "-q",
+            QUESTION,
+            "--context-window",
+            "4096",
+            "--chunk-tokens",
+            "200",
+            "-vv",
+            "--json",
+        ],
+    )
 
 
 def test_key_given_by_flag_stays_out_of_logs_and_json(book, caplog):
     with FakeOpenAIServer(flaky_then_clean) as server, caplog.at_level(logging.DEBUG):
-        result = run_cli(str(book), "--model", "openai/fake-model", "--api-base", server.api_base,
-                         "--api-key", KEY)
+        result = run_cli(
+            str(book),
+            "--model",
+            "openai/fake-model",
+            "--api-base",
+            server.api_base,
+            "--api-key",
+            KEY,
+        )
         assert all(r.api_key == KEY for r in server.requests), "the key was really used"
 
     assert result.exit_code == 0, result.output
@@ -65,10 +93,22 @@ def test_key_given_by_flag_stays_out_of_logs_and_json(book, caplog):
 def test_key_in_a_router_config_stays_out_of_logs_and_json(book, tmp_path, caplog):
     with FakeOpenAIServer(flaky_then_clean) as server, caplog.at_level(logging.DEBUG):
         config = tmp_path / "router.yaml"
-        config.write_text(yaml.safe_dump({"model_list": [{
-            "model_name": "worker",
-            "litellm_params": {"model": "openai/fake-model", "api_base": server.api_base, "api_key": KEY},
-        }]}))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "model_list": [
+                        {
+                            "model_name": "worker",
+                            "litellm_params": {
+                                "model": "openai/fake-model",
+                                "api_base": server.api_base,
+                                "api_key": KEY,
+                            },
+                        }
+                    ]
+                }
+            )
+        )
         result = run_cli(str(book), "--router-config", str(config))
         assert server.requests and all(r.api_key == KEY for r in server.requests)
 
@@ -77,10 +117,19 @@ def test_key_in_a_router_config_stays_out_of_logs_and_json(book, tmp_path, caplo
 
 
 def test_rejected_key_error_does_not_repeat_the_key(book, caplog):
-    reply = Reply(error="auth", error_message=f"Incorrect API key provided: {KEY}. Bearer {KEY}")
+    reply = Reply(
+        error="auth", error_message=f"Incorrect API key provided: {KEY}. Bearer {KEY}"
+    )
     with FakeOpenAIServer(lambda r: reply) as server, caplog.at_level(logging.DEBUG):
-        result = run_cli(str(book), "--model", "openai/fake-model", "--api-base", server.api_base,
-                         "--api-key", KEY)
+        result = run_cli(
+            str(book),
+            "--model",
+            "openai/fake-model",
+            "--api-base",
+            server.api_base,
+            "--api-key",
+            KEY,
+        )
 
     assert result.exit_code == 3
     assert "rejected the API key" in result.stderr
@@ -91,15 +140,26 @@ async def test_key_never_reaches_stored_checkpoints(book, tmp_path):
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
     with FakeOpenAIServer(list_reply(r"The visitor named (\w+) arrived\.")) as server:
-        engine = prepare(QUESTION, [book], model="openai/fake-model", api_base=server.api_base,
-                         api_key=KEY, context_window=4096, chunk_tokens=200)
+        engine = prepare(
+            QUESTION,
+            [book],
+            model="openai/fake-model",
+            api_base=server.api_base,
+            api_key=KEY,
+            context_window=4096,
+            chunk_tokens=200,
+        )
         database = tmp_path / "checkpoints.sqlite"
         async with AsyncSqliteSaver.from_conn_string(str(database)) as saver:
             graph = build_graph(engine, checkpointer=saver)
-            state = await graph.ainvoke({"question": QUESTION}, {"configurable": {"thread_id": "t"}})
+            state = await graph.ainvoke(
+                {"question": QUESTION}, {"configurable": {"thread_id": "t"}}
+            )
         assert state["outcome"] is not None and server.requests
 
-    stored = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("checkpoints"))
+    stored = b"".join(
+        p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("checkpoints")
+    )
     assert b"Ada" in stored, "the checkpoint holds the run's results"
     assert KEY.encode() not in stored
     assert KEY not in repr(engine.client.config) and KEY not in repr(engine.config)

@@ -29,7 +29,12 @@ from rlm_graph.nodes.merge import (
     usable_answers,
 )
 from rlm_graph.nodes.plan import MIN_LEAF_TOKENS, piece_budget
-from rlm_graph.nodes.prompts import MERGE_SCHEMA, leaf_messages, merge_messages, schema_for
+from rlm_graph.nodes.prompts import (
+    MERGE_SCHEMA,
+    leaf_messages,
+    merge_messages,
+    schema_for,
+)
 from rlm_graph.nodes.types import Answer, Outcome, Plan, Task
 from rlm_graph.nodes.verify import Verdict, parse_json_reply, verify_leaf
 from rlm_graph.source import Source
