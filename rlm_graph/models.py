@@ -40,6 +40,7 @@ from rlm_graph.errors import (
     ConfigError,
     ContextWindowError,
     ModelCallError,
+    StoreError,
 )
 from rlm_graph.result import Usage
 from rlm_graph.tokens import context_window, ensure_offline_litellm, token_counter
@@ -87,12 +88,12 @@ class Completion:
 class CallLog(Protocol):
     """Where finished model calls are recorded, keyed by what was sent."""
 
-    def get(self, key: str) -> Completion | None:
+    async def get(self, key: str) -> Completion | None:
         """Return the recorded completion for ``key``, if any."""
         ...
 
-    def put(self, key: str, completion: Completion) -> None:
-        """Record a completion as soon as it returns."""
+    async def put(self, key: str, completion: Completion) -> None:
+        """Record a completion as soon as it returns (durably, when this returns)."""
         ...
 
 
@@ -102,11 +103,11 @@ class MemoryCallLog:
     def __init__(self) -> None:
         self._entries: dict[str, Completion] = {}
 
-    def get(self, key: str) -> Completion | None:
+    async def get(self, key: str) -> Completion | None:
         """Return the recorded completion for ``key``, if any."""
         return self._entries.get(key)
 
-    def put(self, key: str, completion: Completion) -> None:
+    async def put(self, key: str, completion: Completion) -> None:
         """Record a completion."""
         self._entries[key] = completion
 
@@ -229,21 +230,20 @@ class ModelClient:
                 "json_schema": {"name": "answer", "schema": schema, "strict": False},
             }
         key = call_key(self.models[role], messages, params)
-        recorded = self.call_log.get(key)
+        recorded = await self.call_log.get(key)
         if recorded is not None:
             completion = _replace(recorded, cached=True)
             self.usage.cached_calls += 1
             self._notify(role, completion)
             return completion
 
-        completion = await self._send_routed(role, messages, params)
-        self.call_log.put(key, completion)
+        completion = await self._send_routed(role, messages, params, key)
         self._notify(role, completion)
 
         return completion
 
     async def _send_routed(
-        self, role: Role, messages: list[dict[str, str]], params: dict[str, Any]
+        self, role: Role, messages: list[dict[str, str]], params: dict[str, Any], key: str
     ) -> Completion:
         """Try the role's group, then its fallbacks, each with its own retries."""
         prompt = "\n".join(m["content"] for m in messages)
@@ -263,9 +263,9 @@ class ModelClient:
                 logger.info("%s call: falling back from %s to %s (%s)",
                             role, chain[index - 1], name, failure)
             try:
-                return await self._send_to_group(role, name, messages, params)
+                return await self._send_to_group(role, name, messages, params, key)
             except ContextWindowError as exc:
-                return await self._context_fallback(role, name, prompt, messages, params, exc)
+                return await self._context_fallback(role, name, prompt, messages, params, key, exc)
             except ModelCallError as exc:
                 failure = exc
 
@@ -285,6 +285,7 @@ class ModelClient:
         prompt: str,
         messages: list[dict[str, str]],
         params: dict[str, Any],
+        key: str,
         error: ContextWindowError,
     ) -> Completion:
         """After a context-window error, try the larger groups configured for it."""
@@ -294,13 +295,18 @@ class ModelClient:
                 continue
             logger.info("%s call: falling back from %s to %s (context window)", role, name, other)
             try:
-                return await self._send_to_group(role, other, messages, params)
+                return await self._send_to_group(role, other, messages, params, key)
             except ContextWindowError:
                 continue
         raise error
 
     async def _send_to_group(
-        self, role: Role, name: str, messages: list[dict[str, str]], params: dict[str, Any]
+        self,
+        role: Role,
+        name: str,
+        messages: list[dict[str, str]],
+        params: dict[str, Any],
+        key: str,
     ) -> Completion:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.config.max_retries + 1),
@@ -312,15 +318,20 @@ class ModelClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._send_once(role, name, messages, params)
-        except (ModelCallError, BudgetExceeded):
+                    return await self._send_once(role, name, messages, params, key)
+        except (ModelCallError, BudgetExceeded, StoreError):
             raise
         except Exception as exc:
             raise self._translate(name, exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _send_once(
-        self, role: Role, name: str, messages: list[dict[str, str]], params: dict[str, Any]
+        self,
+        role: Role,
+        name: str,
+        messages: list[dict[str, str]],
+        params: dict[str, Any],
+        key: str,
     ) -> Completion:
         group = self.table.groups[name]
         limits = self._limits_of(name)
@@ -338,9 +349,12 @@ class ModelClient:
                     self.budget.settle(reservation, 0, 0.0)
                     self._block_quota_after(group, exc)
                     raise
-        completion = self._completion_from(role, group, messages, response)
-        self.budget.settle(reservation, completion.total_tokens, completion.cost_usd)
-        _raise_if_error_body(response)
+                completion = self._completion_from(role, group, messages, response)
+                self.budget.settle(reservation, completion.total_tokens, completion.cost_usd)
+                _raise_if_error_body(response)
+                # Recorded before the slot is freed: at any moment at most
+                # `concurrency` calls are paid for and not yet in the call log.
+                await self.call_log.put(key, completion)
         logger.debug(
             "%s call to %s: %d+%d tokens, %s, %.2f s", role, name,
             completion.prompt_tokens, completion.completion_tokens,

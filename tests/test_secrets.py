@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
-from rlm_graph.api import prepare
 from rlm_graph.cli import main
-from rlm_graph.graph import build_graph
 from rlm_graph.testing import FakeOpenAIServer, ModelRequest, Reply
 
 from .conftest import list_reply, numbered_paragraphs
@@ -54,112 +53,68 @@ def everything_said(result, caplog) -> str:
     return said + "\n" + "".join(said.split())
 
 
-def run_cli(*args: str):
-    return CliRunner().invoke(
-        main,
-        [
-            "run",
-            *args,
-            "-q",
-            QUESTION,
-            "--context-window",
-            "4096",
-            "--chunk-tokens",
-            "200",
-            "-vv",
-            "--json",
-        ],
-    )
+def stored_bytes(folder) -> bytes:
+    """Every file the store wrote (database, WAL, journal)."""
+    files = [p for p in folder.iterdir() if p.name.startswith("store")]
+    assert files, "the run was stored"
+    return b"".join(p.read_bytes() for p in files)
 
 
-def test_key_given_by_flag_stays_out_of_logs_and_json(book, caplog):
+def run_cli(*args: str, command: str = "run"):
+    extra = ["-q", QUESTION, "--context-window", "4096", "--chunk-tokens", "200"]
+    if command == "resume":
+        extra = []
+    return CliRunner().invoke(main, [command, *args, *extra, "-vv", "--json"])
+
+
+def test_key_given_by_flag_stays_out_of_logs_json_and_store(book, tmp_path, caplog):
+    store = tmp_path / "store.sqlite"
     with FakeOpenAIServer(flaky_then_clean) as server, caplog.at_level(logging.DEBUG):
         result = run_cli(
-            str(book),
-            "--model",
-            "openai/fake-model",
-            "--api-base",
-            server.api_base,
-            "--api-key",
-            KEY,
+            str(book), "--model", "openai/fake-model", "--api-base", server.api_base,
+            "--api-key", KEY, "--store", str(store), "--max-calls", "6",
         )
+        run_id = json.loads(result.stdout)["run_id"]
+        resumed = run_cli(run_id, "--store", str(store), "--api-base", server.api_base,
+                          "--api-key", KEY, "--max-calls", "100", command="resume")
         assert all(r.api_key == KEY for r in server.requests), "the key was really used"
 
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1 and json.loads(result.stdout)["status"] == "stopped"
+    assert resumed.exit_code == 0, resumed.output
     assert "retryingin" in "".join(result.stderr.split()), "-vv logged the retries"
-    assert KEY not in everything_said(result, caplog)
+    assert KEY not in everything_said(result, caplog) + everything_said(resumed, caplog)
+    assert KEY.encode() not in stored_bytes(tmp_path)
 
 
-def test_key_in_a_router_config_stays_out_of_logs_and_json(book, tmp_path, caplog):
+def test_key_in_a_router_config_stays_out_of_logs_json_and_store(book, tmp_path, caplog):
     with FakeOpenAIServer(flaky_then_clean) as server, caplog.at_level(logging.DEBUG):
         config = tmp_path / "router.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "model_list": [
-                        {
-                            "model_name": "worker",
-                            "litellm_params": {
-                                "model": "openai/fake-model",
-                                "api_base": server.api_base,
-                                "api_key": KEY,
-                            },
-                        }
-                    ]
-                }
-            )
+        deployment = {
+            "model_name": "worker",
+            "litellm_params": {
+                "model": "openai/fake-model", "api_base": server.api_base, "api_key": KEY,
+            },
+        }
+        config.write_text(yaml.safe_dump({"model_list": [deployment]}))
+        result = run_cli(
+            str(book), "--router-config", str(config), "--store", str(tmp_path / "store.sqlite")
         )
-        result = run_cli(str(book), "--router-config", str(config))
         assert server.requests and all(r.api_key == KEY for r in server.requests)
 
     assert result.exit_code == 0, result.output
     assert KEY not in everything_said(result, caplog)
+    assert KEY.encode() not in stored_bytes(tmp_path)
 
 
-def test_rejected_key_error_does_not_repeat_the_key(book, caplog):
-    reply = Reply(
-        error="auth", error_message=f"Incorrect API key provided: {KEY}. Bearer {KEY}"
-    )
+def test_rejected_key_error_does_not_repeat_the_key(book, tmp_path, caplog):
+    reply = Reply(error="auth", error_message=f"Incorrect API key provided: {KEY}. Bearer {KEY}")
     with FakeOpenAIServer(lambda r: reply) as server, caplog.at_level(logging.DEBUG):
         result = run_cli(
-            str(book),
-            "--model",
-            "openai/fake-model",
-            "--api-base",
-            server.api_base,
-            "--api-key",
-            KEY,
+            str(book), "--model", "openai/fake-model", "--api-base", server.api_base,
+            "--api-key", KEY, "--store", str(tmp_path / "store.sqlite"),
         )
 
     assert result.exit_code == 3
     assert "rejected the API key" in result.stderr
     assert KEY not in everything_said(result, caplog)
-
-
-async def test_key_never_reaches_stored_checkpoints(book, tmp_path):
-    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-
-    with FakeOpenAIServer(list_reply(r"The visitor named (\w+) arrived\.")) as server:
-        engine = prepare(
-            QUESTION,
-            [book],
-            model="openai/fake-model",
-            api_base=server.api_base,
-            api_key=KEY,
-            context_window=4096,
-            chunk_tokens=200,
-        )
-        database = tmp_path / "checkpoints.sqlite"
-        async with AsyncSqliteSaver.from_conn_string(str(database)) as saver:
-            graph = build_graph(engine, checkpointer=saver)
-            state = await graph.ainvoke(
-                {"question": QUESTION}, {"configurable": {"thread_id": "t"}}
-            )
-        assert state["outcome"] is not None and server.requests
-
-    stored = b"".join(
-        p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("checkpoints")
-    )
-    assert b"Ada" in stored, "the checkpoint holds the run's results"
-    assert KEY.encode() not in stored
-    assert KEY not in repr(engine.client.config) and KEY not in repr(engine.config)
+    assert KEY.encode() not in stored_bytes(tmp_path)
