@@ -55,7 +55,7 @@ def everything_said(result, caplog) -> str:
 
 def stored_bytes(folder) -> bytes:
     """Every file the store wrote (database, WAL, journal)."""
-    files = [p for p in folder.iterdir() if p.name.startswith("store")]
+    files = [p for p in folder.rglob("*") if p.is_file() and p.name.startswith("store")]
     assert files, "the run was stored"
     return b"".join(p.read_bytes() for p in files)
 
