@@ -34,7 +34,7 @@ SETTINGS = {
     "context_window": 4096,
     "chunk_tokens": 200,
     "overlap_tokens": 8,
-    "max_depth": 6,
+    "max_depth": 12,
     "concurrency": 24,
     "timeout_s": 0.5,
     "max_retries": 3,
@@ -106,7 +106,7 @@ class Storm:
         return Reply(error="context_window")
 
 
-async def test_fault_storm_answer_equals_the_clean_run():
+async def test_fault_storm_answer_equals_the_clean_run(tmp_path):
     text = book()
     clean_responder = list_reply(r"The visitor named (\w+) arrived\.")
     with FakeOpenAIServer(clean_responder) as server:
@@ -115,6 +115,7 @@ async def test_fault_storm_answer_equals_the_clean_run():
             text=text,
             model="openai/fake-model",
             api_base=server.api_base,
+            store=tmp_path / "clean.sqlite",
             **SETTINGS,
         )
         clean_attempts = len(server.requests)
@@ -126,6 +127,8 @@ async def test_fault_storm_answer_equals_the_clean_run():
             text=text,
             model="openai/fake-model",
             api_base=server.api_base,
+            # A store of its own: the clean run's call log would answer every call.
+            store=tmp_path / "storm.sqlite",
             **SETTINGS,
         )
         attempts = len(server.requests)
