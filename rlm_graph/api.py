@@ -30,7 +30,6 @@ from rlm_graph.nodes.types import Outcome, Plan
 from rlm_graph.result import Citation, Failure, Result, TaskNode
 from rlm_graph.source import Source, load_source, source_from_text
 from rlm_graph.store import RunRecord, SourceInfo, Store, open_store, source_files_info
-from rlm_graph.tokens import context_window
 
 __all__ = ["aresume", "arun", "execute", "prepare", "resume", "run"]
 
@@ -255,7 +254,7 @@ def prepare(
     config = _configure(config, settings)
     source = _load(paths, text, config, stdin_text)
     client = ModelClient(config, on_call=_call_notifier(on_event))
-    window = context_window(config.leaf_model, config.context_window)
+    window = client.window("worker")
     plan = make_plan(
         question, source, config,
         count=lambda t: client.count_tokens("worker", t), window=window,
@@ -270,6 +269,8 @@ def build_result(run_id: str, engine: Engine, outcome: Outcome, *, elapsed_s: fl
     failures = [_failure(source, o) for o in _failed_leaves(outcome)]
     if outcome.status == "failed":
         status = "failed"
+    elif any(failure.status == "stopped" for failure in failures):
+        status = "stopped"
     elif failures:
         status = "partial"
     else:
@@ -288,6 +289,7 @@ def build_result(run_id: str, engine: Engine, outcome: Outcome, *, elapsed_s: fl
         tree=_tree(source, outcome),
         elapsed_s=round(elapsed_s, 3),
         models=dict(engine.client.models),
+        stop_reason=engine.client.budget.reason if status == "stopped" else None,
     )
 
 
@@ -330,8 +332,12 @@ def _load(
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
-FREE_ON_RESUME = frozenset({"concurrency", "timeout_s", "max_retries", "api_key", "api_base"})
-"""Settings a resume may change: they affect how calls are made, not what is asked."""
+FREE_ON_RESUME = frozenset({
+    "concurrency", "timeout_s", "max_retries", "api_key", "api_base",
+    "max_calls", "max_tokens", "max_cost", "max_time_s", "price_in", "price_out",
+})
+"""Settings a resume may change: they affect how calls are made, not what is asked.
+Budgets count again from zero in each execution (recorded calls are free)."""
 
 
 def _refuse_running_loop(name: str, async_name: str) -> None:
@@ -503,7 +509,7 @@ def _citation(source: Source, start: int, end: int) -> Citation:
 
 
 def _failed_leaves(outcome: Outcome) -> list[Outcome]:
-    if outcome.status == "failed" and not outcome.children:
+    if outcome.status in ("failed", "stopped") and not outcome.children:
         return [outcome]
     return [leaf for child in outcome.children for leaf in _failed_leaves(child)]
 
@@ -514,6 +520,7 @@ def _failure(source: Source, outcome: Outcome) -> Failure:
         task_id=outcome.task.id, source=location.file.name,
         start=location.offset, end=location.offset + (outcome.task.end - outcome.task.start),
         reason=outcome.reason or outcome.verdict,
+        status="stopped" if outcome.status == "stopped" else "failed",
     )
 
 

@@ -43,6 +43,12 @@ def main() -> None:
 @click.option("-q", "--question", required=True, help="The question to answer.")
 @click.option("--model", help="Root model: any LiteLLM name (default: the embedded model).")
 @click.option("--worker-model", help="Model for leaf calls (default: --model).")
+@click.option("--judge-model", help="Model for verification (default: --model).")
+@click.option(
+    "--router-config", type=click.Path(dir_okay=False),
+    help="LiteLLM proxy-style YAML (model_list, router_settings, roles): "
+    "deployments, fallbacks, rpm/tpm, cooldowns. Replaces the model flags.",
+)
 @click.option("--api-base", help="Base URL of an OpenAI-compatible, Ollama or vLLM server.")
 @click.option("--api-key", envvar="RLM_GRAPH_API_KEY", help="Key for --api-base (or RLM_GRAPH_API_KEY).")
 @click.option("--max-depth", type=int, help="Deepest recursion level (default 4).")
@@ -57,6 +63,13 @@ def main() -> None:
 @click.option("--max-output-tokens", type=int, help="Output tokens reserved per call.")
 @click.option("--timeout", "timeout_s", type=float, help="Seconds per model call attempt.")
 @click.option("--encoding", help="Encoding of the source files (default utf-8).")
+@click.option("--max-calls", type=int, help="Budget: most model calls (retries count).")
+@click.option("--max-tokens", type=int, help="Budget: most prompt + completion tokens.")
+@click.option("--max-cost", type=float, help="Budget: most US dollars (needs known prices).")
+@click.option("--max-time", "max_time_s", type=float, help="Budget: most seconds of wall time.")
+@click.option("--price-in", type=float, help="USD per 1M prompt tokens (models without a known price).")
+@click.option("--price-out", type=float, help="USD per 1M completion tokens.")
+@click.option("--dry-run", is_flag=True, help="Print pieces, calls, tokens and cost; call no model.")
 @click.option("--store", "store", envvar="RLM_GRAPH_STORE", help=_STORE_HELP)
 @click.option("--run-id", help="Name the run (letters, digits, '._-'); default: a random id.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -64,7 +77,7 @@ def main() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def run_command(
     sources: tuple[str, ...], question: str, store: str | None, run_id: str | None,
-    as_json: bool, verbose: int, debug: bool, **options: Any,
+    as_json: bool, verbose: int, debug: bool, dry_run: bool, **options: Any,
 ) -> None:
     """Answer QUESTION over SOURCE files, directories or '-' (stdin)."""
     _configure_logging(verbose, debug)
@@ -79,6 +92,9 @@ def run_command(
         if "-" in sources:
             stdin_text = decode_bytes(sys.stdin.buffer.read(), "<stdin>", options.get("encoding") or "utf-8")
         engine = prepare(question, list(sources), stdin_text=stdin_text, on_event=progress.on_event, **settings)
+        if dry_run:
+            _print_estimate(engine, as_json)
+            return
         progress.start(engine)
 
         async def go() -> Any:
@@ -104,6 +120,12 @@ def run_command(
 @click.option("--concurrency", type=int, help="Most model calls in flight at once (may change).")
 @click.option("--timeout", "timeout_s", type=float, help="Seconds per model call attempt (may change).")
 @click.option("--max-retries", type=int, help="Retries per model call (may change).")
+@click.option("--max-calls", type=int, help="Budget of this execution: most model calls (may change).")
+@click.option("--max-tokens", type=int, help="Budget: most prompt + completion tokens (may change).")
+@click.option("--max-cost", type=float, help="Budget: most US dollars (may change).")
+@click.option("--max-time", "max_time_s", type=float, help="Budget: most seconds (may change).")
+@click.option("--price-in", type=float, help="USD per 1M prompt tokens (may change).")
+@click.option("--price-out", type=float, help="USD per 1M completion tokens (may change).")
 @click.option("--chunk-tokens", type=int, help="Must equal the run's.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("-v", "--verbose", count=True, help="-v: milestones and retries; -vv: every call.")
@@ -418,6 +440,25 @@ class _Progress:
         )
 
 
+def _print_estimate(engine: Any, as_json: bool) -> None:
+    from rlm_graph.budget import estimate
+
+    figures = estimate(engine)
+    if as_json:
+        click.echo(json.dumps(figures.model_dump(mode="json"), indent=2))
+        return
+    cost = "unknown (no price for a model; see --price-in)" if figures.cost_usd is None else f"${figures.cost_usd:.4f}"
+    click.echo(
+        f"dry run: {engine.source.describe()}, {engine.plan.source_tokens:,} tokens, "
+        f"{engine.plan.kind} answer\n"
+        f"  pieces:     {figures.pieces:,} (skipped by --filter: {figures.skipped:,}; depth {figures.depth})\n"
+        f"  calls:      {figures.calls:,} ({figures.leaf_calls:,} leaf + up to {figures.merge_calls:,} merge)\n"
+        f"  tokens:     {figures.prompt_tokens:,} prompt + up to {figures.completion_tokens:,} completion\n"
+        f"  cost:       {cost}\n"
+        "  (first attempts only: retries, re-asks and finer splits add to these)"
+    )
+
+
 def _print_human(result: Any) -> None:
     if result.kind == "list":
         answer = "\n".join(f"- {item}" for item in result.answer or []) or "(nothing found)"
@@ -435,7 +476,14 @@ def _print_human(result: Any) -> None:
             click.echo(f"  ... and {len(result.citations) - 20} more (see --json)")
     for failure in result.failures[:10]:
         click.echo(f"warning: part {failure.task_id} of {failure.source} was not answered: {failure.reason}", err=True)
-    if result.status != "done":
+    if result.status == "stopped":
+        click.echo(
+            f"note: this answer is partial: {result.stop_reason or 'a budget was reached'}; "
+            f"{len(result.failures)} part(s) not answered. Finish it (recorded calls are "
+            f"free) with: rlm-graph resume {result.run_id} and a larger budget",
+            err=True,
+        )
+    elif result.status != "done":
         click.echo(f"note: this answer is {result.status}; {len(result.failures)} part(s) failed.", err=True)
     usage = result.usage
     cost = f"${usage.cost_usd:.4f}" if usage.cost_known else f"${usage.cost_usd:.4f} (some prices unknown)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -43,6 +44,14 @@ class RunConfig(BaseSettings):
 
     worker_model: str | None = None
     """Worker model (leaf calls). Defaults to ``model``."""
+
+    judge_model: str | None = None
+    """Judge model (optional verification). Defaults to the root model."""
+
+    router_config: Path | None = None
+    """A LiteLLM proxy-style YAML file (``model_list``, ``router_settings``):
+    deployments, fallbacks, rpm/tpm limits, cooldowns and which group plays
+    which role. Replaces the model flags when given."""
 
     api_base: str | None = None
     """Base URL for an OpenAI-compatible, Ollama or vLLM server, for both roles."""
@@ -94,6 +103,27 @@ class RunConfig(BaseSettings):
     """Re-asks, with the reason, of an answer that fails verification before the
     task is split finer."""
 
+    max_calls: int | None = Field(default=None, ge=1)
+    """Budget: most model calls the run may send (retries count). None: no limit."""
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Budget: most prompt plus completion tokens the run may spend."""
+
+    max_cost: float | None = Field(default=None, gt=0)
+    """Budget: most US dollars the run may spend. Needs a price for every
+    non-local model (LiteLLM's price map, ``price_in``/``price_out`` or the
+    router config)."""
+
+    max_time_s: float | None = Field(default=None, gt=0)
+    """Budget: wall-clock seconds the run may take; then it stops cleanly."""
+
+    price_in: float | None = Field(default=None, ge=0)
+    """USD per million prompt tokens, for every non-local model; overrides
+    LiteLLM's price map."""
+
+    price_out: float | None = Field(default=None, ge=0)
+    """USD per million completion tokens, for every non-local model."""
+
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     """Sampling temperature for every call."""
 
@@ -111,7 +141,7 @@ class RunConfig(BaseSettings):
                 raise ValueError(msg) from exc
         return value or None
 
-    @field_validator("model", "worker_model", "api_base")
+    @field_validator("model", "worker_model", "judge_model", "api_base")
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
@@ -134,3 +164,14 @@ class RunConfig(BaseSettings):
     def leaf_model(self) -> str:
         """The model name used for the worker role."""
         return self.worker_model or self.root_model
+
+    @property
+    def judge(self) -> str:
+        """The model name used for the judge role."""
+        return self.judge_model or self.root_model
+
+    @property
+    def has_budget(self) -> bool:
+        """Whether any budget (calls, tokens, cost, time) is set."""
+        limits = (self.max_calls, self.max_tokens, self.max_cost, self.max_time_s)
+        return any(limit is not None for limit in limits)

@@ -12,7 +12,9 @@ for it again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import functools
 import hashlib
 import json
 import logging
@@ -20,7 +22,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from tenacity import (
     AsyncRetrying,
@@ -30,18 +32,27 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from rlm_graph._routing import Group, Pacer, QuotaGates, Role, routing_table
+from rlm_graph.budget import Budget
 from rlm_graph.config import RunConfig
-from rlm_graph.errors import ConfigError, ContextWindowError, ModelCallError, StoreError
+from rlm_graph.errors import (
+    BudgetExceeded,
+    ConfigError,
+    ContextWindowError,
+    ModelCallError,
+    StoreError,
+)
 from rlm_graph.result import Usage
-from rlm_graph.tokens import ensure_offline_litellm, token_counter
+from rlm_graph.tokens import context_window, ensure_offline_litellm, token_counter
 
 __all__ = ["CallLog", "Completion", "MemoryCallLog", "ModelClient", "Role", "call_key"]
 
 logger = logging.getLogger(__name__)
 
-Role = Literal["root", "worker"]
-
 MAX_RETRY_WAIT_S = 120.0
+MIN_MASKED_KEY_CHARS = 4
+DEFAULT_RATE_LIMIT_PAUSE_S = 1.0
+"""How long a quota pauses after a 429 that gave no Retry-After."""
 # Phrases servers use for "prompt too long" when they do not send a typed error:
 # OpenAI, vLLM, llama.cpp server, SGLang, Ollama, Anthropic, Gemini (K05).
 _CONTEXT_PATTERNS = re.compile(
@@ -67,6 +78,11 @@ class Completion:
     model: str = ""
     refusal: str | None = None
     cached: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
 
 
 class CallLog(Protocol):
@@ -111,10 +127,22 @@ def call_key(model: str, messages: list[dict[str, str]], params: Mapping[str, An
 class ModelClient:
     """Sends the engine's model calls through one LiteLLM Router.
 
+    Each role (root, worker, judge) maps to a router group, and each group may
+    have fallback groups. A call goes to its role's group, is retried there on
+    transient errors (honouring ``Retry-After`` on every attempt), and then
+    moves down the fallback chain, skipping any group whose window cannot hold
+    the request. Around every attempt the client enforces, in this order: the
+    group's parallel-call limit, the pause of a rate-limited quota, the
+    group's rpm/tpm pace, the global concurrency limit, and the run's budget.
+
     Args:
-        config: the run configuration (models, api base, limits).
+        config: the run configuration (models or router config, limits, budgets).
         call_log: where finished calls are recorded and looked up.
         on_call: called after every completed or cached call (for progress).
+
+    Raises:
+        ConfigError: an unknown model, an unusable router config, or
+            ``max_cost`` with a model whose price is unknown.
     """
 
     def __init__(
@@ -129,26 +157,48 @@ class ModelClient:
 
         self._litellm = litellm
         self.config = config
-        self.models: dict[Role, str] = {"root": config.root_model, "worker": config.leaf_model}
+        # Before the Router exists: it registers unknown deployments with a
+        # price of 0, which would make every unpriced model look free (K17).
+        windows: dict[str, int] = {}
+
+        def window_of(model: str) -> int:
+            if model not in windows:
+                windows[model] = context_window(model, config.context_window)
+            return windows[model]
+
+        self.table = routing_table(
+            config, window_of=window_of, price_of=lambda model: _price_of(litellm, model),
+            check_model=lambda model: _check_model_name(litellm, model),
+        )
+        self.models: dict[Role, str] = {
+            role: _describe(self.table.groups[group]) for role, group in self.table.roles.items()
+        }
         self.usage = Usage()
+        self.budget = Budget(config)
         self.call_log: CallLog = call_log if call_log is not None else MemoryCallLog()
         self._on_call = on_call
         self._semaphore = asyncio.Semaphore(config.concurrency)
-        self._priced: dict[str, bool] = {}
-        self._counters = {role: token_counter(model) for role, model in self.models.items()}
-        for model in set(self.models.values()):
-            _check_model_name(litellm, model)
-            # Before the Router exists: it registers unknown deployments with a
-            # price of 0, which would make every unpriced model look free (K17).
-            self._priced[model] = model.startswith("local/") or _has_price(litellm, model)
+        self._gates = QuotaGates()
+        self._group_limits = {name: _GroupLimits(g) for name, g in self.table.groups.items()}
         self.router = litellm.Router(
-            model_list=[self._deployment(role, model) for role, model in self.models.items()],
-            num_retries=0,
+            model_list=self.table.model_list, num_retries=0, **self.table.router_settings
         )
+        self._secrets = _secrets_of(config, self.table.model_list)
+
+    def window(self, role: Role) -> int:
+        """Input window, in tokens, of the group that serves ``role``."""
+        return self.table.groups[self.table.roles[role]].window
+
+    def prices(self, role: Role) -> tuple[float, float] | None:
+        """USD per (prompt, completion) token of ``role``'s group; None if unknown."""
+        group = self.table.groups[self.table.roles[role]]
+        if group.price_in is None or group.price_out is None:
+            return None
+        return group.price_in, group.price_out
 
     def count_tokens(self, role: Role, text: str) -> int:
         """Count tokens of ``text`` with the tokenizer of ``role``'s model."""
-        return self._counters[role](text)
+        return self._limits_of(self.table.roles[role]).count(text)
 
     async def complete(
         self,
@@ -167,9 +217,11 @@ class ModelClient:
             schema: JSON schema the answer must follow (sent as response_format).
 
         Raises:
-            ContextWindowError: the prompt does not fit the model's window.
-            ModelCallError: the call failed after retries; ``retryable`` says
-                whether a later resume may succeed.
+            ContextWindowError: the prompt does not fit the window of any group
+                that could take it.
+            ModelCallError: the call failed after retries and fallbacks;
+                ``retryable`` says whether a later resume may succeed.
+            BudgetExceeded: the run reached one of its budgets; nothing was sent.
         """
         params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": self.config.temperature}
         if schema is not None:
@@ -185,49 +237,126 @@ class ModelClient:
             self._notify(role, completion)
             return completion
 
-        completion = await self._send_with_retries(role, messages, params, key)
+        completion = await self._send_routed(role, messages, params, key)
         self._notify(role, completion)
 
         return completion
 
-    async def _send_with_retries(
+    async def _send_routed(
         self, role: Role, messages: list[dict[str, str]], params: dict[str, Any], key: str
+    ) -> Completion:
+        """Try the role's group, then its fallbacks, each with its own retries."""
+        prompt = "\n".join(m["content"] for m in messages)
+        chain = self.table.chain(role)
+        failure: ModelCallError | None = None
+        too_small: list[str] = []
+        for index, name in enumerate(chain):
+            need = self._limits_of(name).count(prompt) + params["max_tokens"]
+            group = self.table.groups[name]
+            if need > group.window:
+                too_small.append(f"{name} ({group.window})")
+                if index:
+                    logger.info("%s call: fallback %s skipped: a %d-token request exceeds its "
+                                "%d-token window", role, name, need, group.window)
+                continue
+            if index and failure is not None:
+                logger.info("%s call: falling back from %s to %s (%s)",
+                            role, chain[index - 1], name, failure)
+            try:
+                return await self._send_to_group(role, name, messages, params, key)
+            except ContextWindowError as exc:
+                return await self._context_fallback(role, name, prompt, messages, params, key, exc)
+            except ModelCallError as exc:
+                failure = exc
+
+        if failure is None or too_small:
+            # Smaller pieces fit the groups that are left: the engine splits finer.
+            raise ContextWindowError(
+                f"no model that could take this {role} call has room for it "
+                f"(windows: {', '.join(too_small)})"
+                + (f"; the others failed: {failure}" if failure else "")
+            )
+        raise failure
+
+    async def _context_fallback(
+        self,
+        role: Role,
+        name: str,
+        prompt: str,
+        messages: list[dict[str, str]],
+        params: dict[str, Any],
+        key: str,
+        error: ContextWindowError,
+    ) -> Completion:
+        """After a context-window error, try the larger groups configured for it."""
+        for other in self.table.context_fallbacks.get(name, ()):
+            need = self._limits_of(other).count(prompt) + params["max_tokens"]
+            if need > self.table.groups[other].window:
+                continue
+            logger.info("%s call: falling back from %s to %s (context window)", role, name, other)
+            try:
+                return await self._send_to_group(role, other, messages, params, key)
+            except ContextWindowError:
+                continue
+        raise error
+
+    async def _send_to_group(
+        self,
+        role: Role,
+        name: str,
+        messages: list[dict[str, str]],
+        params: dict[str, Any],
+        key: str,
     ) -> Completion:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.config.max_retries + 1),
             wait=_wait_retry_after,
             retry=retry_if_exception(_is_transient),
-            before_sleep=_log_retry,
+            before_sleep=functools.partial(_log_retry, role, name, self._mask),
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._send_once(role, messages, params, key)
-        except (ModelCallError, StoreError):
+                    return await self._send_once(role, name, messages, params, key)
+        except (ModelCallError, BudgetExceeded, StoreError):
             raise
         except Exception as exc:
-            raise self._translate(role, exc) from exc
+            raise self._translate(name, exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _send_once(
-        self, role: Role, messages: list[dict[str, str]], params: dict[str, Any], key: str
+        self,
+        role: Role,
+        name: str,
+        messages: list[dict[str, str]],
+        params: dict[str, Any],
+        key: str,
     ) -> Completion:
-        async with self._semaphore:
-            self.usage.calls += 1
-            started = time.monotonic()
-            # A fresh metadata dict per call: litellm writes into it (STACK-FINDINGS 2).
-            response = await asyncio.wait_for(
-                self.router.acompletion(model=role, messages=messages, metadata={}, **params),
-                timeout=self.config.timeout_s + 5,
-            )
-            completion = self._completion_from(role, messages, response)
-            _raise_if_error_body(response)
-            # Recorded before the slot is freed: at any moment at most
-            # `concurrency` calls are paid for and not yet in the call log.
-            await self.call_log.put(key, completion)
+        group = self.table.groups[name]
+        limits = self._limits_of(name)
+        estimate = limits.count("\n".join(m["content"] for m in messages)) + params["max_tokens"]
+        async with limits.parallel:
+            await self._gates.wait(group.quotas)
+            await limits.pace(estimate)
+            async with self._semaphore:
+                reservation = self.budget.reserve(estimate, _cost_of(group, estimate, 0))
+                self.usage.calls += 1
+                started = time.monotonic()
+                try:
+                    response = await self._post(name, group, messages, params)
+                except BaseException as exc:
+                    self.budget.settle(reservation, 0, 0.0)
+                    self._block_quota_after(group, exc)
+                    raise
+                completion = self._completion_from(role, group, messages, response)
+                self.budget.settle(reservation, completion.total_tokens, completion.cost_usd)
+                _raise_if_error_body(response)
+                # Recorded before the slot is freed: at any moment at most
+                # `concurrency` calls are paid for and not yet in the call log.
+                await self.call_log.put(key, completion)
         logger.debug(
-            "%s call to %s: %d+%d tokens, %s, %.2f s", role, self.models[role],
+            "%s call to %s: %d+%d tokens, %s, %.2f s", role, name,
             completion.prompt_tokens, completion.completion_tokens,
             completion.finish_reason, time.monotonic() - started,
         )
@@ -235,8 +364,38 @@ class ModelClient:
 
         return completion
 
+    async def _post(
+        self, name: str, group: Group, messages: list[dict[str, str]], params: dict[str, Any]
+    ) -> Any:
+        """One request through the Router, cut short when the run's time is up."""
+        timeout = group.timeout_s + 5
+        remaining = self.budget.remaining_s()
+        cut_by_budget = remaining is not None and remaining < timeout
+        try:
+            # A fresh metadata dict per call: litellm writes into it (STACK-FINDINGS 2).
+            return await asyncio.wait_for(
+                self.router.acompletion(model=name, messages=messages, metadata={}, **params),
+                timeout=min(timeout, remaining) if cut_by_budget and remaining else timeout,
+            )
+        except TimeoutError as exc:
+            if not cut_by_budget:
+                raise
+            stop = self.budget.stop("max-time", f"{self.config.max_time_s:g} s")
+            raise stop from exc
+
+    def _block_quota_after(self, group: Group, exc: BaseException) -> None:
+        if not isinstance(exc, self._litellm.RateLimitError):
+            return
+        wait = retry_after_seconds(_headers_of(exc))
+        wait = wait if wait is not None else DEFAULT_RATE_LIMIT_PAUSE_S
+        logger.debug("quota %s paused %.1f s after a rate limit", ",".join(sorted(group.quotas)), wait)
+        self._gates.block(group.quotas, wait)
+
+    def _limits_of(self, name: str) -> _GroupLimits:
+        return self._group_limits[name]
+
     def _completion_from(
-        self, role: Role, messages: list[dict[str, str]], response: Any
+        self, role: Role, group: Group, messages: list[dict[str, str]], response: Any
     ) -> Completion:
         choice = response.choices[0]
         message = choice.message
@@ -247,31 +406,21 @@ class ModelClient:
         completion_tokens = getattr(usage, "completion_tokens", 0) or 0
         if not prompt_tokens:
             # A response without usage is counted from what was actually sent.
-            prompt_tokens = self.count_tokens(role, "\n".join(m["content"] for m in messages))
-            completion_tokens = self.count_tokens(role, text)
-        cost, known = self._cost(role, response, prompt_tokens, completion_tokens)
+            limits = self._limits_of(group.name)
+            prompt_tokens = limits.count("\n".join(m["content"] for m in messages))
+            completion_tokens = limits.count(text)
+        cost = _cost_of(group, prompt_tokens, completion_tokens)
 
         return Completion(
             text=text,
             finish_reason=choice.finish_reason or "stop",
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
-            cost_usd=cost,
-            cost_known=known,
-            model=self.models[role],
+            cost_usd=cost or 0.0,
+            cost_known=cost is not None,
+            model=group.models[0] if len(group.models) == 1 else str(response.model),
             refusal=refusal,
         )
-
-    def _cost(self, role: Role, response: Any, prompt: int, completion: int) -> tuple[float, bool]:
-        model = self.models[role]
-        if model.startswith("local/"):
-            return 0.0, True
-        if not self._priced.get(model):
-            return 0.0, False
-        prompt_cost, completion_cost = self._litellm.cost_per_token(
-            model=model, prompt_tokens=prompt, completion_tokens=completion
-        )
-        return float(prompt_cost + completion_cost), True
 
     def _account(self, completion: Completion) -> None:
         self.usage.prompt_tokens += completion.prompt_tokens
@@ -283,28 +432,15 @@ class ModelClient:
         if self._on_call is not None:
             self._on_call(role, completion)
 
-    def _deployment(self, role: Role, model: str) -> dict[str, Any]:
-        params: dict[str, Any] = {
-            "model": model,
-            "timeout": self.config.timeout_s,
-            "max_retries": 0,  # tenacity retries; never let the SDK nest its own
-        }
-        if self.config.api_base and not model.startswith("local/"):
-            params["api_base"] = self.config.api_base
-        if self.config.api_key is not None:
-            params["api_key"] = self.config.api_key.get_secret_value()
-        elif self.config.api_base and model.startswith("openai/") and not self.config.has_openai_key:
-            # Local OpenAI-compatible servers rarely check keys, but the OpenAI
-            # SDK refuses to send a request without one.
-            params["api_key"] = "no-key-needed"
-        return {"model_name": role, "litellm_params": params}
+    def _mask(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
-    def _translate(self, role: Role, exc: BaseException) -> ModelCallError:
+    def _translate(self, name: str, exc: BaseException) -> ModelCallError:
         litellm = self._litellm
-        model = self.models[role]
-        detail = _short(exc)
-        if self.config.api_key is not None and self.config.api_key.get_secret_value():
-            detail = detail.replace(self.config.api_key.get_secret_value(), "***")
+        model = _describe(self.table.groups[name])
+        detail = self._mask(_short(exc))
         if isinstance(exc, litellm.ContextWindowExceededError) or _mentions_context(exc):
             return ContextWindowError(f"{model}: prompt too long for its context window ({detail})")
         if _is_unreachable(exc):
@@ -334,6 +470,69 @@ class ModelClient:
         return ModelCallError(f"{model} call failed: {detail}", retryable=retryable)
 
 
+class _GroupLimits:
+    """What the client enforces per router group: tokenizer, parallel calls, pace."""
+
+    def __init__(self, group: Group) -> None:
+        self.count = token_counter(group.models[0])
+        self.parallel: Any = (
+            asyncio.Semaphore(group.max_parallel) if group.max_parallel else contextlib.nullcontext()
+        )
+        # A bucket holding one second's worth: steady pacing, no minute-long bursts.
+        self._rpm = Pacer(group.rpm / 60, group.rpm / 60) if group.rpm else None
+        self._tpm = Pacer(group.tpm / 60, group.tpm / 60) if group.tpm else None
+
+    async def pace(self, tokens: int) -> None:
+        """Wait until the group's rpm and tpm allow one more request of ``tokens``."""
+        if self._rpm is not None:
+            await self._rpm.take(1)
+        if self._tpm is not None:
+            await self._tpm.take(tokens)
+
+
+def _describe(group: Group) -> str:
+    if len(group.models) == 1:
+        return group.models[0]
+    return f"{group.name} ({', '.join(group.models)})"
+
+
+def _price_of(litellm: Any, model: str) -> tuple[float, float] | None:
+    if model.startswith("local/"):
+        return (0.0, 0.0)
+    try:
+        info = litellm.get_model_info(model)
+    except Exception:  # litellm raises a bare Exception for unmapped models
+        return None
+    price_in, price_out = info.get("input_cost_per_token"), info.get("output_cost_per_token")
+    # A Router registers each unknown deployment as an empty price-map entry,
+    # which get_model_info then reports as free (K17); that is no price.
+    entry = litellm.model_cost.get(info.get("key") or model)
+    if price_in is None or (entry is not None and "input_cost_per_token" not in entry):
+        return None
+    return float(price_in), float(price_out if price_out is not None else price_in)
+
+
+def _cost_of(group: Group, prompt_tokens: int, completion_tokens: int) -> float | None:
+    if group.price_in is None or group.price_out is None:
+        return None
+    return prompt_tokens * group.price_in + completion_tokens * group.price_out
+
+
+def _secrets_of(config: RunConfig, *model_lists: list[dict[str, Any]]) -> list[str]:
+    """Every key value the client could meet in an error text, longest first."""
+    found = set()
+    if config.api_key is not None:
+        found.add(config.api_key.get_secret_value())
+    for model_list in model_lists:
+        for deployment in model_list:
+            params = deployment.get("litellm_params") or {}
+            key = params.get("api_key")
+            if isinstance(key, str) and not key.startswith("os.environ/"):
+                found.add(key)
+    # Shorter values are no real key, and masking them would garble every message.
+    return sorted((key for key in found if len(key) >= MIN_MASKED_KEY_CHARS), key=len, reverse=True)
+
+
 def _check_model_name(litellm: Any, model: str) -> None:
     if model.startswith("local/"):
         from rlm_graph.local import register_local_provider, resolve_gguf
@@ -354,14 +553,6 @@ def _check_model_name(litellm: Any, model: str) -> None:
             "'local/smollm2-135m' for the embedded model."
         )
         raise ConfigError(msg) from exc
-
-
-def _has_price(litellm: Any, model: str) -> bool:
-    try:
-        info = litellm.get_model_info(model)
-    except Exception:  # litellm raises a bare Exception for unmapped models
-        return False
-    return info.get("input_cost_per_token") is not None
 
 
 def _is_unreachable(exc: BaseException) -> bool:
@@ -464,12 +655,14 @@ def _headers_of(exc: BaseException | None) -> Mapping[str, str] | None:
     return getattr(exc, "litellm_response_headers", None)
 
 
-def _log_retry(state: RetryCallState) -> None:
+def _log_retry(role: str, group: str, mask: Callable[[str], str], state: RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
     wait = state.next_action.sleep if state.next_action else 0.0
+    told = retry_after_seconds(_headers_of(exc)) is not None
     logger.info(
-        "model call attempt %d failed (%s); retrying in %.1f s",
-        state.attempt_number, _short(exc), wait,
+        "%s call to %s: attempt %d failed (%s); retrying in %.1f s%s",
+        role, group, state.attempt_number, mask(_short(exc)), wait,
+        " as Retry-After asked" if told else "",
     )
 
 

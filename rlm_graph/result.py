@@ -62,6 +62,9 @@ class Failure(_Record):
     start: int
     end: int
     reason: str
+    status: Literal["failed", "stopped"] = "failed"
+    """failed: given up after retries; stopped: a budget ended the run first
+    (a resumed run with a larger budget answers it)."""
 
 
 class TaskNode(_Record):
@@ -81,7 +84,7 @@ class TaskNode(_Record):
     """The task's answer (text, list or count), or None when it found nothing."""
     verdict: str = "ok"
     """What verify said: ok, no-evidence, unsupported, truncated, failed, ..."""
-    status: Literal["done", "failed"] = "done"
+    status: Literal["done", "failed", "stopped"] = "done"
     attempts: int = 0
     """Model calls this task made itself (children not included)."""
     children: list[TaskNode] = Field(default_factory=list)
@@ -92,7 +95,9 @@ class Result(_Record):
 
     run_id: str
     status: RunStatus
-    """done: every task answered; partial: some failed (see ``failures``)."""
+    """done: every task answered; partial: some failed (see ``failures``);
+    stopped: a budget ended the run, the answer covers the parts done before
+    it; failed: no part could be answered."""
     question: str
     kind: str
     """Answer kind: text, list or count."""
@@ -105,5 +110,7 @@ class Result(_Record):
     failures: list[Failure] = Field(default_factory=list)
     tree: TaskNode | None = None
     elapsed_s: float = 0.0
+    stop_reason: str | None = None
+    """Which budget stopped the run, when ``status`` is stopped."""
     models: dict[str, str] = Field(default_factory=dict)
     """Role to model name, as used."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rlm_graph.config import RunConfig
-from rlm_graph.errors import ContextWindowError, ModelCallError
+from rlm_graph.errors import BudgetExceeded, ContextWindowError, ModelCallError
 from rlm_graph.models import Completion, ModelClient, Role
 from rlm_graph.nodes.merge import (
     dedupe_text,
@@ -30,7 +30,12 @@ from rlm_graph.nodes.merge import (
     usable_answers,
 )
 from rlm_graph.nodes.plan import MIN_LEAF_TOKENS, piece_budget
-from rlm_graph.nodes.prompts import MERGE_SCHEMA, leaf_messages, merge_messages, schema_for
+from rlm_graph.nodes.prompts import (
+    MERGE_SCHEMA,
+    leaf_messages,
+    merge_messages,
+    schema_for,
+)
 from rlm_graph.nodes.types import Answer, Outcome, Plan, Task
 from rlm_graph.nodes.verify import Verdict, parse_json_reply, verify_leaf
 from rlm_graph.source import Source
@@ -62,7 +67,7 @@ class CallResult:
     """A model call's result as stored: a completion or a per-task failure."""
 
     completion: Completion | None = None
-    error: Literal["context", "failed"] | None = None
+    error: Literal["context", "failed", "stopped"] | None = None
     message: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,7 +92,7 @@ class CallResult:
 class Decision:
     """What to do after a leaf reply has been verified."""
 
-    action: Literal["accept", "retry", "split", "fail"]
+    action: Literal["accept", "retry", "split", "fail", "stop"]
     answer: Answer | None = None
     verdict: str = "ok"
     feedback: str | None = None
@@ -271,6 +276,9 @@ class Engine:
             completion = await self.client.complete(role, messages, max_tokens=max_tokens, schema=schema)
         except ContextWindowError as exc:
             return CallResult(error="context", message=str(exc))
+        except BudgetExceeded as exc:
+            # A budget stop winds the run down: the task is reported as stopped.
+            return CallResult(error="stopped", message=str(exc))
         except ModelCallError as exc:
             if exc.systemic:
                 raise
@@ -288,6 +296,8 @@ class Engine:
             max_tokens: the output limit the call had.
             re_asks: how many times this leaf was already asked again with feedback.
         """
+        if result.error == "stopped":
+            return Decision("stop", verdict="stopped", reason=result.message)
         if result.error == "context":
             return self._split_or_fail(task, "context-window", result.message)
         if result.error or result.completion is None:
@@ -296,9 +306,13 @@ class Engine:
         verdict: Verdict = verify_leaf(self.source.text, task, self.plan.kind, result.completion)
         if verdict.ok:
             return Decision("accept", answer=verdict.answer, verdict="ok")
-        if verdict.code == "truncated" and max_tokens < self.plan.max_output_tokens:
-            more = min(2 * max_tokens, self.plan.max_output_tokens)
-            return Decision("retry", verdict="truncated", feedback=None, max_tokens=more)
+        if verdict.code == "truncated":
+            # finish_reason=length: more room while the ceiling allows, else a
+            # smaller span (a re-ask with the same room would be cut off again).
+            if max_tokens < self.plan.max_output_tokens:
+                more = min(2 * max_tokens, self.plan.max_output_tokens)
+                return Decision("retry", verdict="truncated", feedback=None, max_tokens=more)
+            return self._split_or_fail(task, "truncated", f"reply cut off at {max_tokens} output tokens")
         if re_asks < self.config.verify_retries:
             return Decision("retry", verdict=verdict.code, feedback=verdict.feedback, max_tokens=max_tokens)
         if verdict.code in ("no-evidence", "restated") and not self.can_split_finer(task):
@@ -326,11 +340,12 @@ class Engine:
             answer = await self._merge_text(answers)
 
         failed = all(child.status == "failed" for child in children)
+        stopped = not failed and any(child.status == "stopped" for child in children)
         return Outcome(
             task=task, answer=answer,
-            status="failed" if failed else "done",
+            status="failed" if failed else "stopped" if stopped else "done",
             verdict="ok", children=tuple(children),
-            reason="every part failed" if failed else None,
+            reason="every part failed" if failed else "a budget stopped some parts" if stopped else None,
         )
 
     async def _merge_text(self, answers: list[Answer]) -> Answer:
@@ -363,6 +378,8 @@ class Engine:
             text = _merged_text(result)
             if text:
                 return Answer(kind="text", found=True, text=text, evidence=evidence)
+            if result.error == "stopped":
+                break
         # The model gave no usable merge: keep every partial answer rather than
         # losing any (K11); the result says so in the answer itself.
         logger.warning("text merge failed twice; joining %d partial answers", len(group))
@@ -412,6 +429,11 @@ class Engine:
         """Turn a final decision about a leaf into its outcome."""
         if decision.action == "accept":
             return Outcome(task=task, answer=decision.answer, verdict=decision.verdict, attempts=attempts)
+        if decision.action == "stop":
+            return Outcome(
+                task=task, status="stopped", verdict="stopped",
+                reason=decision.reason, attempts=attempts,
+            )
         if decision.action == "split":
             logger.info("task %s: %s; splitting finer", task.id, decision.reason)
             children = self.split(task, finer=True)

@@ -105,7 +105,8 @@ class Outcome(_Record):
 
     task: Task
     answer: Answer | None = None
-    status: Literal["done", "failed"] = "done"
+    status: Literal["done", "failed", "stopped"] = "done"
+    """stopped: a budget ended the run before this task was answered."""
     verdict: str = "ok"
     reason: str | None = None
     attempts: int = 0
