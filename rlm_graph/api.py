@@ -157,6 +157,7 @@ def build_result(run_id: str, engine: Engine, outcome: Outcome, *, elapsed_s: fl
         usage=engine.client.usage.model_copy(),
         failures=failures,
         tree=_tree(source, outcome),
+        plan=engine.plan.model_dump(mode="json"),
         elapsed_s=round(elapsed_s, 3),
         models=dict(engine.client.models),
     )
@@ -252,5 +253,6 @@ def _tree(source: Source, outcome: Outcome) -> TaskNode:
         verdict=outcome.verdict,
         status=outcome.status,
         attempts=outcome.attempts,
+        judge=outcome.judge,
         children=[_tree(source, child) for child in outcome.children],
     )

@@ -83,6 +83,7 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
     engine.spawn = durable_spawn
 
     async def plan(state: RunState) -> dict[str, Any]:
+        await engine.plan_with_model()
         root = Task(
             id="0", start=0, end=len(engine.source.text), depth=0,
             question=engine.plan.question, tokens=engine.plan.source_tokens,
@@ -118,6 +119,7 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
             root, CallResult.from_dict(state["reply"] or {}),
             max_tokens=state["max_tokens"], re_asks=state.get("re_asks", 0),
         )
+        decision = await engine.judge(root, decision, re_asks=state.get("re_asks", 0))
         if decision.action == "retry":
             return Command(goto="delegate", update={
                 "feedback": decision.feedback, "max_tokens": decision.max_tokens,
@@ -159,5 +161,5 @@ def _decision_dict(decision: Decision) -> dict[str, Any]:
     return {
         "action": decision.action, "answer": answer, "verdict": decision.verdict,
         "feedback": decision.feedback, "max_tokens": decision.max_tokens,
-        "reason": decision.reason,
+        "reason": decision.reason, "judge": decision.judge,
     }

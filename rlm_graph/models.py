@@ -39,7 +39,7 @@ __all__ = ["CallLog", "Completion", "MemoryCallLog", "ModelClient", "Role", "cal
 
 logger = logging.getLogger(__name__)
 
-Role = Literal["root", "worker"]
+Role = Literal["root", "worker", "judge"]
 
 MAX_RETRY_WAIT_S = 120.0
 # Phrases servers use for "prompt too long" when they do not send a typed error:
@@ -129,7 +129,11 @@ class ModelClient:
 
         self._litellm = litellm
         self.config = config
-        self.models: dict[Role, str] = {"root": config.root_model, "worker": config.leaf_model}
+        self.models: dict[Role, str] = {
+            "root": config.root_model,
+            "worker": config.leaf_model,
+            "judge": config.judge_model or config.root_model,
+        }
         self.usage = Usage()
         self.call_log: CallLog = call_log if call_log is not None else MemoryCallLog()
         self._on_call = on_call
