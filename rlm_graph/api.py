@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from os import PathLike
 from typing import Any
 
+from pydantic import BaseModel
+
 from rlm_graph.config import RunConfig
 from rlm_graph.errors import ConfigError
 from rlm_graph.graph import build_graph
@@ -52,7 +54,10 @@ def run(
         text: a text held in memory, instead of ``paths``.
         config: the run configuration; ``settings`` override its fields.
         on_event: receives progress events while the run goes on.
-        **settings: any :class:`RunConfig` field, e.g. ``model="openai/gpt-4o-mini"``.
+        **settings: any :class:`RunConfig` field, e.g. ``model="openai/gpt-4o-mini"``;
+            also ``schema=``: a pydantic model class (or a JSON Schema dict) of
+            one record, for answers that are lists of such records (then
+            ``Result.answer`` holds instances of that class).
 
     Raises:
         ConfigError: bad settings, an unknown model, a window too small.
@@ -84,8 +89,14 @@ async def arun(
 
     Same arguments as :func:`run`.
     """
+    record_model = _record_model(settings)
     engine = prepare(question, paths, text=text, config=config, on_event=on_event, **settings)
-    return await execute(engine)
+    result = await execute(engine)
+    if record_model is not None and result.kind == "schema" and result.answer:
+        # Records passed the schema's JSON check in verify; this gives them
+        # back as the caller's own type.
+        result.answer = [record_model.model_validate(record) for record in result.answer]
+    return result
 
 
 async def execute(engine: Engine, *, run_id: str | None = None) -> Result:
@@ -123,6 +134,7 @@ def prepare(
     Args:
         stdin_text: what to read for a ``-`` path instead of ``sys.stdin``.
     """
+    _record_model(settings)
     config = _configure(config, settings)
     source = _load(paths, text, config, stdin_text)
     client = ModelClient(config, on_call=_call_notifier(on_event))
@@ -161,6 +173,21 @@ def build_result(run_id: str, engine: Engine, outcome: Outcome, *, elapsed_s: fl
         elapsed_s=round(elapsed_s, 3),
         models=dict(engine.client.models),
     )
+
+
+def _record_model(settings: dict[str, Any]) -> type[BaseModel] | None:
+    """Turn a ``schema=`` setting into ``answer_schema``; return the model class."""
+    schema = settings.pop("schema", None)
+    if schema is None:
+        return None
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        settings["answer_schema"] = schema.model_json_schema()
+        return schema
+    if isinstance(schema, dict):
+        settings["answer_schema"] = schema
+        return None
+    msg = f"schema= must be a pydantic model class or a JSON Schema dict, not {type(schema).__name__}."
+    raise ConfigError(msg)
 
 
 def _configure(config: RunConfig | None, settings: dict[str, Any]) -> RunConfig:

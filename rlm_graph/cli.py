@@ -45,7 +45,14 @@ def main() -> None:
 @click.option("--concurrency", type=int, help="Most model calls in flight at once (default 8).")
 @click.option("--fan-out", type=int, help="Most child spans one split makes (default 8).")
 @click.option("--fan-in", type=int, help="Most answers one free-text merge call reads (default 8).")
-@click.option("--kind", type=click.Choice(["auto", "text", "list", "count"]), help="Answer kind.")
+@click.option("--kind", type=click.Choice(["auto", "text", "list", "count", "table", "yesno", "schema"]),
+              help="Answer kind (default: the plan decides).")
+@click.option("--schema", "schema_file", type=click.Path(exists=True, dir_okay=False),
+              help="JSON Schema file of one record: the answer is a list of such records.")
+@click.option("--sub-question", help="What each piece is asked (default: the plan decides).")
+@click.option("--planner", type=click.Choice(["model", "rules"]),
+              help="Who plans: the root model from a preview (default), or rules only.")
+@click.option("--judge-model", help="Judge model: checks each leaf answer against its span.")
 @click.option("--filter", help="Regex: skip parts of the source with no match, unread.")
 @click.option("--context-window", type=int, help="Worker window in tokens, for unknown models.")
 @click.option("--max-output-tokens", type=int, help="Output tokens reserved per call.")
@@ -60,8 +67,11 @@ def run_command(
 ) -> None:
     """Answer QUESTION over SOURCE files, directories or '-' (stdin)."""
     _configure_logging(verbose, debug)
+    schema_file = options.pop("schema_file", None)
     settings = {key: value for key, value in options.items() if value is not None}
     with _errors_to_exit_codes(debug):
+        if schema_file:
+            settings["answer_schema"] = _read_schema(schema_file)
         from rlm_graph.api import execute, prepare
         from rlm_graph.result import Result
 
@@ -78,6 +88,11 @@ def run_command(
         finally:
             progress.stop()
 
+    if verbose and result.plan:
+        from rlm_graph.nodes.plan import render_plan
+        from rlm_graph.nodes.types import Plan
+
+        click.echo(render_plan(Plan.model_validate(result.plan)), err=True)
     if as_json:
         click.echo(json.dumps(result.model_dump(mode="json"), ensure_ascii=False, indent=2))
     else:
@@ -195,6 +210,20 @@ def _eval_config(model: str | None, context_window: int | None, settings: dict[s
     return RunConfig(model=model, context_window=context_window, **settings)
 
 
+def _read_schema(path: str) -> dict[str, Any]:
+    from rlm_graph.errors import ConfigError
+
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())  # noqa: SIM115
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        msg = f"--schema {path}: not a readable JSON file ({exc}). Pass a JSON Schema of one record."
+        raise ConfigError(msg) from None
+    if not isinstance(data, dict):
+        msg = f'--schema {path}: expected a JSON object like {{"type": "object", "properties": {{...}}}}.'
+        raise ConfigError(msg)
+    return data
+
+
 def _await(coro: Any) -> Any:
     import asyncio
 
@@ -282,6 +311,13 @@ class _Progress:
 def _print_human(result: Any) -> None:
     if result.kind == "list":
         answer = "\n".join(f"- {item}" for item in result.answer or []) or "(nothing found)"
+    elif result.kind == "table":
+        answer = "\n".join(f"{label}: {n}" for label, n in (result.answer or {}).items()) or "(nothing found)"
+    elif result.kind == "yesno":
+        answer = {True: "yes", False: "no"}.get(result.answer, "(no part of the source said)")
+    elif result.kind == "schema":
+        records = [json.dumps(r, ensure_ascii=False) for r in result.answer or []]
+        answer = "\n".join(records) or "(nothing found)"
     elif not result.found and result.kind == "text":
         answer = "(no part of the source answered the question)"
     else:

@@ -133,14 +133,12 @@ def needle_task(
     place = rng.choice(_PLACES)
     code = str(rng.randrange(1000, 9999))
     needle = f"The secret code for the {colour} {place} is {code}."
-    planted = [(needle, depth)]
-    for other in others:
-        planted.append((f"The secret code for the {other} {place} is {rng.randrange(1000, 9999)}.",
-                        rng.random()))
-
     text = _prose(rng, tokens)
-    for sentence, where in sorted(planted, key=lambda p: -p[1]):
-        text = _insert(text, sentence, where, straddle_tokens if sentence is needle else None)
+    for other in others:
+        decoy = f"The secret code for the {other} {place} is {rng.randrange(1000, 9999)}."
+        text = _insert(text, decoy, rng.random(), None)
+    # The needle goes in last, so its depth and boundary hold in the final text.
+    text = _insert(text, needle, depth, straddle_tokens)
 
     pattern = re.compile(rf"secret code for the {colour} {place} is (\d{{4}})", re.IGNORECASE)
 
@@ -156,7 +154,10 @@ def needle_task(
         files={"haystack.txt": text},
         question=f"What is the secret code for the {colour} {place}?",
         kind="text", expected=code, target_tokens=tokens, seed=seed, read=read,
-        meta={"depth": depth, "distractors": distractors, "straddle_tokens": straddle_tokens},
+        meta={
+            "depth": depth, "distractors": distractors, "straddle_tokens": straddle_tokens,
+            "needle_start": text.index(needle),
+        },
     ))
 
 
