@@ -122,6 +122,8 @@ def run_command(
 @click.option("--context-window", type=int, help="Window in tokens (default 8192 for the double).")
 @click.option("--chunk-tokens", type=int, help="Largest span a leaf call reads, in tokens.")
 @click.option("--concurrency", type=int, help="Most model calls in flight at once.")
+@click.option("--filter", "filter_", help="Pre-filter regex for rlm-graph and the map-reduce (not the direct call).")
+@click.option("--planner", type=click.Choice(["model", "rules"]), help="Who plans rlm-graph's runs (default: model).")
 @click.option("--chart", type=click.Path(dir_okay=False), help="Write a PNG chart here.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every row as JSON here.")
 @click.option("-v", "--verbose", count=True, help="-v: one line per method run.")
@@ -130,7 +132,7 @@ def eval_command(
     families: tuple[str, ...], sizes: str, methods: tuple[str, ...], seed: int, depths: str,
     straddle_tokens: int | None, model: str | None, reading_double: bool,
     context_window: int | None, chunk_tokens: int | None, concurrency: int | None,
-    chart: str | None, json_path: str | None, verbose: int, debug: bool,
+    filter_: str | None, planner: str | None, chart: str | None, json_path: str | None, verbose: int, debug: bool,
 ) -> None:
     """Compare a direct call, a flat map-reduce and rlm-graph on generated tasks."""
     _configure_logging(verbose, debug)
@@ -147,7 +149,8 @@ def eval_command(
         )
         settings: dict[str, Any] = {
             key: value for key, value in
-            {"chunk_tokens": chunk_tokens, "concurrency": concurrency}.items() if value
+            {"chunk_tokens": chunk_tokens, "concurrency": concurrency, "filter": filter_,
+             "planner": planner}.items() if value
         }
         double = None
         if reading_double:
@@ -170,7 +173,8 @@ def eval_command(
             click.echo(
                 f"{row.instance:<24} {row.method:<9} score {row.score:.2f}  "
                 f"calls {row.run.calls:>5}  {row.run.elapsed_s:>7.1f}s"
-                + (f"  ({row.run.error})" if row.run.error else ""),
+                + (f"  ({row.run.error})" if row.run.error else "")
+                + (f"  [plan: {row.run.plan_made_by}]" if row.run.plan_made_by else ""),
                 err=True,
             )
 

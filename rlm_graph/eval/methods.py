@@ -3,8 +3,9 @@
 - ``direct``: one call with the source truncated to what fits the window.
 - ``mapreduce``: a flat map-reduce. The source is cut once into spans of the
   same size and overlap rlm-graph uses; every span gets one call with the same
-  leaf prompt; one model call merges the partial answers (as many as fit its
-  window), with no verification and no recursion.
+  leaf prompt (spans without a match of ``config.filter`` are skipped, as
+  rlm-graph skips them); one model call merges the partial answers (as many as
+  fit its window), with no verification and no recursion.
 - ``rlm``: rlm-graph itself (:func:`rlm_graph.arun`).
 
 Each returns a :class:`MethodRun`: the answer value, calls, tokens, cost, time.
@@ -52,6 +53,8 @@ class MethodRun(BaseModel):
     elapsed_s: float = 0.0
     error: str | None = None
     """Why the method gave no answer (an exception's message), if it failed."""
+    plan_made_by: str | None = None
+    """rlm only: who made the run's plan (``model`` or ``rules (...)``)."""
 
 
 async def run_method(
@@ -87,7 +90,7 @@ async def _rlm(instance: Instance, paths: list[Path], config: RunConfig) -> Meth
     return MethodRun(
         method="rlm", answer=result.answer if result.found else None, calls=usage.calls,
         prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-        cost_usd=usage.cost_usd,
+        cost_usd=usage.cost_usd, plan_made_by=(result.plan or {}).get("made_by"),
         error=None if result.status != "failed" else "every part failed",
     )
 
@@ -118,6 +121,10 @@ async def _mapreduce(
         overlap_tokens=min(config.overlap_tokens, budget // 4),
         hard_boundaries=source.file_starts,
     )
+    if config.filter:
+        wanted = re.compile(config.filter, re.IGNORECASE)
+        matching = [(a, b) for a, b in spans if wanted.search(source.text, a, b)]
+        spans = matching or spans  # a filter that drops everything means no filter
     completions = await asyncio.gather(*(
         _leaf_call(instance, source.text[start:end], client, config, paths)
         for start, end in spans
