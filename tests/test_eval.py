@@ -76,7 +76,15 @@ def test_pairs_instance():
     task = pairs_task(3000, seed=2)
 
     assert task.expected == [
-        "U1301", "U3136", "U3727", "U3999", "U4424", "U6461", "U8036", "U9155", "U9918",
+        "U1301",
+        "U3136",
+        "U3727",
+        "U3999",
+        "U4424",
+        "U6461",
+        "U8036",
+        "U9155",
+        "U9918",
     ]
     text = task.files["records.txt"]
     for user in task.expected:
@@ -125,10 +133,15 @@ def test_score_is_exact(family, answer, expected):
 
 
 def test_suite_places_needles_at_each_depth_and_one_across_a_boundary():
-    instances = suite(["needle", "count"], [4000], depths=(0.0, 1.0), straddle_tokens=1000)
+    instances = suite(
+        ["needle", "count"], [4000], depths=(0.0, 1.0), straddle_tokens=1000
+    )
 
     assert [i.name for i in instances] == [
-        "needle-4k-d0", "needle-4k-d100", "needle-4k-d50-x1000", "count-4k",
+        "needle-4k-d0",
+        "needle-4k-d100",
+        "needle-4k-d50-x1000",
+        "count-4k",
     ]
     last = instances[1].files["haystack.txt"]
     assert last.rstrip().endswith(f"is {instances[1].expected}.")
@@ -170,8 +183,14 @@ def test_reading_double_sees_only_what_it_is_sent():
     def ask(excerpt: str) -> str:
         prompt = f"Text:\n<<<\n{excerpt}\n>>>\n\nQuestion: {task.question}\n"
         request = ModelRequest(
-            model="reader", messages=[], prompt=prompt, response_format=None,
-            max_tokens=None, prompt_tokens=0, api_key=None, received_at=0.0,
+            model="reader",
+            messages=[],
+            prompt=prompt,
+            response_format=None,
+            max_tokens=None,
+            prompt_tokens=0,
+            api_key=None,
+            received_at=0.0,
         )
         return str(respond(request))
 

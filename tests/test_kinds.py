@@ -20,12 +20,22 @@ from rlm_graph.testing import ModelRequest, Reply
 
 from .conftest import excerpt_of
 
-SETTINGS = {"model": "scripted/m", "context_window": 4096, "chunk_tokens": 120, "overlap_tokens": 24}
+SETTINGS = {
+    "model": "scripted/m",
+    "context_window": 4096,
+    "chunk_tokens": 120,
+    "overlap_tokens": 24,
+}
 TEXT = "Ticket 1: label refund.\nTicket 2: label shipping.\nTicket 3: label refund.\n"
 
 
 def reply(content: dict) -> Completion:
-    return Completion(text=json.dumps(content), finish_reason="stop", prompt_tokens=9, completion_tokens=9)
+    return Completion(
+        text=json.dumps(content),
+        finish_reason="stop",
+        prompt_tokens=9,
+        completion_tokens=9,
+    )
 
 
 def whole(question: str = "Q?") -> Task:
@@ -54,10 +64,27 @@ def test_kind_from_wording(question, kind):
 
 
 def test_table_rows_are_located_with_offsets():
-    verdict = verify_leaf(TEXT, whole(), "table", reply({"rows": [
-        {"label": "refund", "count": 2, "quotes": ["Ticket 1: label refund", "ticket 3:  LABEL refund"]},
-        {"label": "shipping", "count": 1, "quotes": ["Ticket 2: label shipping"]},
-    ]}))
+    verdict = verify_leaf(
+        TEXT,
+        whole(),
+        "table",
+        reply(
+            {
+                "rows": [
+                    {
+                        "label": "refund",
+                        "count": 2,
+                        "quotes": ["Ticket 1: label refund", "ticket 3:  LABEL refund"],
+                    },
+                    {
+                        "label": "shipping",
+                        "count": 1,
+                        "quotes": ["Ticket 2: label shipping"],
+                    },
+                ]
+            }
+        ),
+    )
 
     assert verdict.ok and verdict.answer.value == {"refund": 2, "shipping": 1}
     third = verdict.answer.rows[0].evidence[1]
@@ -65,19 +92,52 @@ def test_table_rows_are_located_with_offsets():
 
 
 def test_table_row_with_invented_quotes_is_rejected():
-    verdict = verify_leaf(TEXT, whole(), "table", reply({"rows": [
-        {"label": "billing", "count": 1, "quotes": ["Ticket 9: label billing"]},
-    ]}))
-    assert not verdict.ok and verdict.code == "no-evidence" and "billing" in verdict.feedback
+    verdict = verify_leaf(
+        TEXT,
+        whole(),
+        "table",
+        reply(
+            {
+                "rows": [
+                    {
+                        "label": "billing",
+                        "count": 1,
+                        "quotes": ["Ticket 9: label billing"],
+                    },
+                ]
+            }
+        ),
+    )
+    assert (
+        not verdict.ok
+        and verdict.code == "no-evidence"
+        and "billing" in verdict.feedback
+    )
 
 
 def test_yesno_needs_a_quote_from_the_span():
-    ok = verify_leaf(TEXT, whole(), "yesno", reply({"answer": "yes", "quote": "Ticket 2: label shipping."}))
-    made_up = verify_leaf(TEXT, whole(), "yesno", reply({"answer": "no", "quote": "No tickets were filed."}))
-    silent = verify_leaf(TEXT, whole(), "yesno", reply({"answer": "not stated", "quote": ""}))
+    ok = verify_leaf(
+        TEXT,
+        whole(),
+        "yesno",
+        reply({"answer": "yes", "quote": "Ticket 2: label shipping."}),
+    )
+    made_up = verify_leaf(
+        TEXT,
+        whole(),
+        "yesno",
+        reply({"answer": "no", "quote": "No tickets were filed."}),
+    )
+    silent = verify_leaf(
+        TEXT, whole(), "yesno", reply({"answer": "not stated", "quote": ""})
+    )
     odd = verify_leaf(TEXT, whole(), "yesno", reply({"answer": "maybe", "quote": ""}))
 
-    assert ok.ok and ok.answer.value is True and ok.answer.evidence[0].start == TEXT.index("Ticket 2")
+    assert (
+        ok.ok
+        and ok.answer.value is True
+        and ok.answer.evidence[0].start == TEXT.index("Ticket 2")
+    )
     assert made_up.code == "no-evidence"
     assert silent.ok and not silent.answer.found and silent.answer.value is None
     assert odd.code == "malformed"
@@ -91,12 +151,40 @@ SCHEMA = {
 
 
 def test_schema_records_are_validated_and_located():
-    good = verify_leaf(TEXT, whole(), "schema", reply({"records": [
-        {"ticket": 1, "label": "refund", "quote": "Ticket 1: label refund."},
-    ]}), SCHEMA)
-    bad = verify_leaf(TEXT, whole(), "schema", reply({"records": [
-        {"ticket": "one", "label": "refund", "quote": "Ticket 1: label refund."},
-    ]}), SCHEMA)
+    good = verify_leaf(
+        TEXT,
+        whole(),
+        "schema",
+        reply(
+            {
+                "records": [
+                    {
+                        "ticket": 1,
+                        "label": "refund",
+                        "quote": "Ticket 1: label refund.",
+                    },
+                ]
+            }
+        ),
+        SCHEMA,
+    )
+    bad = verify_leaf(
+        TEXT,
+        whole(),
+        "schema",
+        reply(
+            {
+                "records": [
+                    {
+                        "ticket": "one",
+                        "label": "refund",
+                        "quote": "Ticket 1: label refund.",
+                    },
+                ]
+            }
+        ),
+        SCHEMA,
+    )
 
     assert good.ok and good.answer.value == [{"ticket": 1, "label": "refund"}]
     assert good.answer.records[0].evidence.start == 0
@@ -107,14 +195,20 @@ def test_schema_records_are_validated_and_located():
 
 
 def test_table_merge_sums_labels_and_drops_overlap_duplicates():
-    left = Answer(kind="table", found=True, rows=(
-        Row(label="refund", count=2, evidence=(ev(0, 10), ev(50, 60))),
-        Row(label="shipping", count=1, evidence=(ev(20, 30),)),
-    ))
+    left = Answer(
+        kind="table",
+        found=True,
+        rows=(
+            Row(label="refund", count=2, evidence=(ev(0, 10), ev(50, 60))),
+            Row(label="shipping", count=1, evidence=(ev(20, 30),)),
+        ),
+    )
     # The right span overlaps the left one and saw the occurrence at 50-60 again.
-    right = Answer(kind="table", found=True, rows=(
-        Row(label="Refund", count=2, evidence=(ev(50, 60), ev(90, 99))),
-    ))
+    right = Answer(
+        kind="table",
+        found=True,
+        rows=(Row(label="Refund", count=2, evidence=(ev(50, 60), ev(90, 99))),),
+    )
 
     merged = merge_table([left, right])
     assert merged.value == {"refund": 3, "shipping": 1}
@@ -137,11 +231,16 @@ def test_records_merge_by_content_and_span():
     same_data = Record(data={"ticket": 1, "label": "refund"}, evidence=ev(70, 80))
     other = Record(data={"ticket": 3, "label": "refund"}, evidence=ev(40, 50))
 
-    merged = merge_records([
-        Answer(kind="schema", found=True, records=(a, other)),
-        Answer(kind="schema", found=True, records=(same_span, same_data)),
-    ])
-    assert merged.value == [{"ticket": 1, "label": "refund"}, {"ticket": 3, "label": "refund"}]
+    merged = merge_records(
+        [
+            Answer(kind="schema", found=True, records=(a, other)),
+            Answer(kind="schema", found=True, records=(same_span, same_data)),
+        ]
+    )
+    assert merged.value == [
+        {"ticket": 1, "label": "refund"},
+        {"ticket": 3, "label": "refund"},
+    ]
 
 
 def test_free_text_is_not_merged_by_code():
@@ -163,7 +262,9 @@ def table_reader(request: ModelRequest) -> Reply | str:
     rows: dict[str, list[str]] = {}
     for m in TICKET.finditer(excerpt_of(request) or ""):
         rows.setdefault(m.group(2), []).append(m.group(0))
-    return json.dumps({"rows": [{"label": k, "count": len(v), "quotes": v} for k, v in rows.items()]})
+    return json.dumps(
+        {"rows": [{"label": k, "count": len(v), "quotes": v} for k, v in rows.items()]}
+    )
 
 
 async def test_table_run_is_exact_over_many_overlapping_spans(scripted):
@@ -172,7 +273,9 @@ async def test_table_run_is_exact_over_many_overlapping_spans(scripted):
     for m in TICKET.finditer(TICKETS):
         truth[m.group(2)] = truth.get(m.group(2), 0) + 1
 
-    result = await arun("How many tickets are there per label?", text=TICKETS, **SETTINGS)
+    result = await arun(
+        "How many tickets are there per label?", text=TICKETS, **SETTINGS
+    )
 
     assert result.kind == "table" and result.status == "done"
     assert len(result.tree.children) > 3
@@ -202,23 +305,39 @@ class TicketRecord(BaseModel):
 
 
 def record_reader(request: ModelRequest) -> str:
-    return json.dumps({"records": [
-        {"ticket": int(m.group(1)), "label": m.group(2), "quote": m.group(0)}
-        for m in TICKET.finditer(excerpt_of(request) or "") if m.group(2) == "billing"
-    ]})
+    return json.dumps(
+        {
+            "records": [
+                {"ticket": int(m.group(1)), "label": m.group(2), "quote": m.group(0)}
+                for m in TICKET.finditer(excerpt_of(request) or "")
+                if m.group(2) == "billing"
+            ]
+        }
+    )
 
 
 async def test_schema_run_with_a_pydantic_model(scripted):
     double = scripted(record_reader)
 
-    result = await arun("Which tickets are about billing?", text=TICKETS, schema=TicketRecord, **SETTINGS)
+    result = await arun(
+        "Which tickets are about billing?",
+        text=TICKETS,
+        schema=TicketRecord,
+        **SETTINGS,
+    )
 
     assert result.kind == "schema"
     assert all(isinstance(r, TicketRecord) for r in result.answer)
-    expected = [int(m.group(1)) for m in TICKET.finditer(TICKETS) if m.group(2) == "billing"]
+    expected = [
+        int(m.group(1)) for m in TICKET.finditer(TICKETS) if m.group(2) == "billing"
+    ]
     assert [r.ticket for r in result.answer] == expected
     sent = double.requests[0].response_format["json_schema"]["schema"]
-    assert sent["properties"]["records"]["items"]["required"] == ["ticket", "label", "quote"]
+    assert sent["properties"]["records"]["items"]["required"] == [
+        "ticket",
+        "label",
+        "quote",
+    ]
 
 
 def test_cli_schema_file(scripted, tmp_path):
@@ -228,10 +347,24 @@ def test_cli_schema_file(scripted, tmp_path):
     source = tmp_path / "tickets.txt"
     source.write_text(TICKETS)
 
-    out = CliRunner().invoke(main, [
-        "run", str(source), "-q", "Which tickets are about billing?", "--schema", str(schema),
-        "--model", "scripted/m", "--context-window", "4096", "--chunk-tokens", "120", "--json",
-    ])
+    out = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(source),
+            "-q",
+            "Which tickets are about billing?",
+            "--schema",
+            str(schema),
+            "--model",
+            "scripted/m",
+            "--context-window",
+            "4096",
+            "--chunk-tokens",
+            "120",
+            "--json",
+        ],
+    )
 
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)
@@ -246,7 +379,19 @@ def test_cli_rejects_a_schema_that_is_not_one_record(tmp_path):
     source = tmp_path / "t.txt"
     source.write_text(TICKETS)
 
-    out = CliRunner().invoke(main, ["run", str(source), "-q", "Q?", "--schema", str(schema), "--model", "scripted/m"])
+    out = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(source),
+            "-q",
+            "Q?",
+            "--schema",
+            str(schema),
+            "--model",
+            "scripted/m",
+        ],
+    )
 
     assert out.exit_code == 2
     assert "must describe one record" in out.stderr and "Traceback" not in out.output

@@ -128,19 +128,25 @@ def needle_task(
             multiple of this many tokens (a nominal span boundary), even inside
             a paragraph.
     """
-    rng = random.Random(f"needle/{seed}/{tokens}/{depth}/{distractors}/{straddle_tokens}")
+    rng = random.Random(
+        f"needle/{seed}/{tokens}/{depth}/{distractors}/{straddle_tokens}"
+    )
     colour, *others = rng.sample(_COLOURS, 1 + distractors)
     place = rng.choice(_PLACES)
     code = str(rng.randrange(1000, 9999))
     needle = f"The secret code for the {colour} {place} is {code}."
     text = _prose(rng, tokens)
     for other in others:
-        decoy = f"The secret code for the {other} {place} is {rng.randrange(1000, 9999)}."
+        decoy = (
+            f"The secret code for the {other} {place} is {rng.randrange(1000, 9999)}."
+        )
         text = _insert(text, decoy, rng.random(), None)
     # The needle goes in last, so its depth and boundary hold in the final text.
     text = _insert(text, needle, depth, straddle_tokens)
 
-    pattern = re.compile(rf"secret code for the {colour} {place} is (\d{{4}})", re.IGNORECASE)
+    pattern = re.compile(
+        rf"secret code for the {colour} {place} is (\d{{4}})", re.IGNORECASE
+    )
 
     def read(excerpt: str) -> Reading:
         match = pattern.search(excerpt)
@@ -148,17 +154,26 @@ def needle_task(
             return Reading(None)
         return Reading(match.group(1), (match.group(0),))
 
-    return _checked(Instance(
-        family="needle", name=f"needle-{_size(tokens)}-d{round(depth * 100)}"
-        + (f"-x{straddle_tokens}" if straddle_tokens else ""),
-        files={"haystack.txt": text},
-        question=f"What is the secret code for the {colour} {place}?",
-        kind="text", expected=code, target_tokens=tokens, seed=seed, read=read,
-        meta={
-            "depth": depth, "distractors": distractors, "straddle_tokens": straddle_tokens,
-            "needle_start": text.index(needle),
-        },
-    ))
+    return _checked(
+        Instance(
+            family="needle",
+            name=f"needle-{_size(tokens)}-d{round(depth * 100)}"
+            + (f"-x{straddle_tokens}" if straddle_tokens else ""),
+            files={"haystack.txt": text},
+            question=f"What is the secret code for the {colour} {place}?",
+            kind="text",
+            expected=code,
+            target_tokens=tokens,
+            seed=seed,
+            read=read,
+            meta={
+                "depth": depth,
+                "distractors": distractors,
+                "straddle_tokens": straddle_tokens,
+                "needle_start": text.index(needle),
+            },
+        )
+    )
 
 
 def records_count_task(tokens: int, *, seed: int = 0) -> Instance:
@@ -173,12 +188,20 @@ def records_count_task(tokens: int, *, seed: int = 0) -> Instance:
         return Reading(len(lines), lines)
 
     expected = sum(1 for _, _, row_label in rows if row_label == label)
-    return _checked(Instance(
-        family="count", name=f"count-{_size(tokens)}", files={"records.txt": text},
-        question=f"How many records have the label {label}?",
-        kind="count", expected=expected, target_tokens=tokens, seed=seed, read=read,
-        meta={"records": len(rows), "label": label},
-    ))
+    return _checked(
+        Instance(
+            family="count",
+            name=f"count-{_size(tokens)}",
+            files={"records.txt": text},
+            question=f"How many records have the label {label}?",
+            kind="count",
+            expected=expected,
+            target_tokens=tokens,
+            seed=seed,
+            read=read,
+            meta={"records": len(rows), "label": label},
+        )
+    )
 
 
 def records_compare_task(tokens: int, *, seed: int = 0) -> Instance:
@@ -187,27 +210,39 @@ def records_compare_task(tokens: int, *, seed: int = 0) -> Instance:
     text, rows = _records(rng, tokens)
     counts = Counter(label for _, _, label in rows)
     ranked = [label for label, _ in counts.most_common()]
-    first, second = ranked[0], next(
-        (lbl for lbl in ranked[1:] if counts[lbl] != counts[ranked[0]]), ranked[-1]
+    first, second = (
+        ranked[0],
+        next(
+            (lbl for lbl in ranked[1:] if counts[lbl] != counts[ranked[0]]), ranked[-1]
+        ),
     )
     pair = sorted((first, second), key=lambda _: rng.random())
     patterns = {label: _label_line(label) for label in pair}
 
     def read(excerpt: str) -> Reading:
         table = {label: len(p.findall(excerpt)) for label, p in patterns.items()}
-        quotes = tuple(m.group(0) for p in patterns.values() for m in p.finditer(excerpt))
+        quotes = tuple(
+            m.group(0) for p in patterns.values() for m in p.finditer(excerpt)
+        )
         return Reading(table, quotes)
 
-    return _checked(Instance(
-        family="compare", name=f"compare-{_size(tokens)}", files={"records.txt": text},
-        question=(
-            f"Count the records labelled {pair[0]} and the records labelled {pair[1]}: "
-            "which label is more common?"
-        ),
-        kind="table", expected=max(pair, key=lambda lbl: counts[lbl]),
-        target_tokens=tokens, seed=seed, read=read,
-        meta={"counts": {lbl: counts[lbl] for lbl in pair}},
-    ))
+    return _checked(
+        Instance(
+            family="compare",
+            name=f"compare-{_size(tokens)}",
+            files={"records.txt": text},
+            question=(
+                f"Count the records labelled {pair[0]} and the records labelled {pair[1]}: "
+                "which label is more common?"
+            ),
+            kind="table",
+            expected=max(pair, key=lambda lbl: counts[lbl]),
+            target_tokens=tokens,
+            seed=seed,
+            read=read,
+            meta={"counts": {lbl: counts[lbl] for lbl in pair}},
+        )
+    )
 
 
 def pairs_task(tokens: int, *, seed: int = 0) -> Instance:
@@ -216,7 +251,9 @@ def pairs_task(tokens: int, *, seed: int = 0) -> Instance:
     text, rows = _records(rng, tokens)
     first, second = rng.sample(_LABELS, 2)
 
-    line = re.compile(r"^Record \d+ \| user (U\d{4}) \| label: (\w+) \|.*$", re.MULTILINE)
+    line = re.compile(
+        r"^Record \d+ \| user (U\d{4}) \| label: (\w+) \|.*$", re.MULTILINE
+    )
 
     def read(excerpt: str) -> Reading:
         seen: dict[str, set[str]] = {}
@@ -233,15 +270,25 @@ def pairs_task(tokens: int, *, seed: int = 0) -> Instance:
     for _, user, label in rows:
         by_user.setdefault(user, set()).add(label)
     expected = sorted(u for u, labels in by_user.items() if {first, second} <= labels)
-    return _checked(Instance(
-        family="pairs", name=f"pairs-{_size(tokens)}", files={"records.txt": text},
-        question=f"List the users who have both a {first} record and a {second} record.",
-        kind="list", expected=expected, target_tokens=tokens, seed=seed, read=read,
-        meta={"labels": [first, second]},
-    ))
+    return _checked(
+        Instance(
+            family="pairs",
+            name=f"pairs-{_size(tokens)}",
+            files={"records.txt": text},
+            question=f"List the users who have both a {first} record and a {second} record.",
+            kind="list",
+            expected=expected,
+            target_tokens=tokens,
+            seed=seed,
+            read=read,
+            meta={"labels": [first, second]},
+        )
+    )
 
 
-def multidoc_task(tokens: int, *, seed: int = 0, documents: int | None = None) -> Instance:
+def multidoc_task(
+    tokens: int, *, seed: int = 0, documents: int | None = None
+) -> Instance:
     """A folder of memos in real prose; how many report one project delayed."""
     rng = random.Random(f"multidoc/{seed}/{tokens}/{documents}")
     count = documents or max(4, min(200, tokens // 2000))
@@ -265,12 +312,20 @@ def multidoc_task(tokens: int, *, seed: int = 0, documents: int | None = None) -
         lines = tuple(m.group(0) for m in pattern.finditer(excerpt))
         return Reading(len(lines), lines)
 
-    return _checked(Instance(
-        family="multidoc", name=f"multidoc-{_size(tokens)}", files=files,
-        question=f"How many memos report that project {project} was delayed?",
-        kind="count", expected=len(delayed), target_tokens=tokens, seed=seed, read=read,
-        meta={"documents": count},
-    ))
+    return _checked(
+        Instance(
+            family="multidoc",
+            name=f"multidoc-{_size(tokens)}",
+            files=files,
+            question=f"How many memos report that project {project} was delayed?",
+            kind="count",
+            expected=len(delayed),
+            target_tokens=tokens,
+            seed=seed,
+            read=read,
+            meta={"documents": count},
+        )
+    )
 
 
 _FAMILIES: dict[str, Callable[..., Instance]] = {
@@ -282,7 +337,9 @@ _FAMILIES: dict[str, Callable[..., Instance]] = {
 }
 
 
-def make_instance(family: str, tokens: int, *, seed: int = 0, **options: Any) -> Instance:
+def make_instance(
+    family: str, tokens: int, *, seed: int = 0, **options: Any
+) -> Instance:
     """Build an instance of a family by name (``needle``, ``count``, ...).
 
     Raises:
@@ -314,7 +371,11 @@ def suite(
                 continue
             instances += [needle_task(tokens, seed=seed, depth=d) for d in depths]
             if straddle_tokens and straddle_tokens < tokens:
-                instances.append(needle_task(tokens, seed=seed, depth=0.5, straddle_tokens=straddle_tokens))
+                instances.append(
+                    needle_task(
+                        tokens, seed=seed, depth=0.5, straddle_tokens=straddle_tokens
+                    )
+                )
     return instances
 
 
@@ -387,7 +448,9 @@ _NOTES = (
 
 
 def _label_line(label: str) -> re.Pattern[str]:
-    return re.compile(rf"^Record \d+ \| user U\d{{4}} \| label: {label} \|.*$", re.MULTILINE)
+    return re.compile(
+        rf"^Record \d+ \| user U\d{{4}} \| label: {label} \|.*$", re.MULTILINE
+    )
 
 
 def _size(tokens: int) -> str:

@@ -49,7 +49,9 @@ class Row(BaseModel):
         if self.run.cost_usd:
             return self.run.cost_usd
         price_in, price_out = REFERENCE_PRICES_USD_PER_M
-        return (self.run.prompt_tokens * price_in + self.run.completion_tokens * price_out) / 1e6
+        return (
+            self.run.prompt_tokens * price_in + self.run.completion_tokens * price_out
+        ) / 1e6
 
 
 def score(instance: Instance, answer: Any) -> float:
@@ -63,7 +65,12 @@ def score(instance: Instance, answer: Any) -> float:
         return float(_as_int(answer) == expected)
     if instance.family == "compare":
         return float(_named_label(answer, list(instance.meta["counts"])) == expected)
-    got = {str(v).strip() for v in (answer if isinstance(answer, list) else re.split(r"[;,]", str(answer)))}
+    got = {
+        str(v).strip()
+        for v in (
+            answer if isinstance(answer, list) else re.split(r"[;,]", str(answer))
+        )
+    }
     got.discard("")
     want = set(expected)
     if not got and not want:
@@ -92,12 +99,22 @@ async def run_eval(
             for method in methods:
                 run = await run_method(method, instance, paths, run_config)
                 row = Row(
-                    instance=instance.name, family=instance.family,
-                    tokens=instance.target_tokens, method=method,
-                    score=score(instance, run.answer), expected=instance.expected, run=run,
+                    instance=instance.name,
+                    family=instance.family,
+                    tokens=instance.target_tokens,
+                    method=method,
+                    score=score(instance, run.answer),
+                    expected=instance.expected,
+                    run=run,
                 )
-                logger.info("%s %s: score %.2f, %d calls, %.1f s", instance.name, method,
-                            row.score, run.calls, run.elapsed_s)
+                logger.info(
+                    "%s %s: score %.2f, %d calls, %.1f s",
+                    instance.name,
+                    method,
+                    row.score,
+                    run.calls,
+                    run.elapsed_s,
+                )
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
@@ -142,7 +159,9 @@ def draw_chart(rows: Sequence[Row], path: Path, *, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     families = list(dict.fromkeys(r.family for r in rows))
-    figure, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.6), squeeze=False)
+    figure, axes = plt.subplots(
+        1, len(families), figsize=(4.2 * len(families), 3.6), squeeze=False
+    )
     for axis, family in zip(axes[0], families, strict=True):
         for method in dict.fromkeys(r.method for r in rows):
             points: dict[int, list[float]] = {}
@@ -150,7 +169,12 @@ def draw_chart(rows: Sequence[Row], path: Path, *, title: str) -> Path:
                 if row.family == family and row.method == method:
                     points.setdefault(row.tokens, []).append(row.score)
             sizes = sorted(points)
-            axis.plot(sizes, [sum(points[s]) / len(points[s]) for s in sizes], marker="o", label=method)
+            axis.plot(
+                sizes,
+                [sum(points[s]) / len(points[s]) for s in sizes],
+                marker="o",
+                label=method,
+            )
         axis.set_xscale("log")
         axis.set_ylim(-0.05, 1.05)
         axis.set_title(family)

@@ -71,8 +71,11 @@ async def run_method(
             answer = await runner(instance, paths, config, client)
             usage = client.usage
             result = MethodRun(
-                method=method, answer=answer, calls=usage.calls,
-                prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                method=method,
+                answer=answer,
+                calls=usage.calls,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
                 cost_usd=usage.cost_usd,
             )
     except Exception as exc:  # a method that breaks scores 0, and says why
@@ -88,9 +91,13 @@ async def _rlm(instance: Instance, paths: list[Path], config: RunConfig) -> Meth
     result = await arun(instance.question, [str(p) for p in paths], config=config)
     usage = result.usage
     return MethodRun(
-        method="rlm", answer=result.answer if result.found else None, calls=usage.calls,
-        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-        cost_usd=usage.cost_usd, plan_made_by=(result.plan or {}).get("made_by"),
+        method="rlm",
+        answer=result.answer if result.found else None,
+        calls=usage.calls,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cost_usd=usage.cost_usd,
+        plan_made_by=(result.plan or {}).get("made_by"),
         error=None if result.status != "failed" else "every part failed",
     )
 
@@ -116,7 +123,10 @@ async def _mapreduce(
     window = context_window(config.leaf_model, config.context_window)
     budget = _leaf_budget(instance, source, config, client, window)
     spans = split_span(
-        source.text, 0, len(source.text), max_tokens=budget,
+        source.text,
+        0,
+        len(source.text),
+        max_tokens=budget,
         count_tokens=lambda t: client.count_tokens("worker", t),
         overlap_tokens=min(config.overlap_tokens, budget // 4),
         hard_boundaries=source.file_starts,
@@ -125,32 +135,48 @@ async def _mapreduce(
         wanted = re.compile(config.filter, re.IGNORECASE)
         matching = [(a, b) for a, b in spans if wanted.search(source.text, a, b)]
         spans = matching or spans  # a filter that drops everything means no filter
-    completions = await asyncio.gather(*(
-        _leaf_call(instance, source.text[start:end], client, config, paths)
-        for start, end in spans
-    ))
+    completions = await asyncio.gather(
+        *(
+            _leaf_call(instance, source.text[start:end], client, config, paths)
+            for start, end in spans
+        )
+    )
     partials = [_render(_value(config.kind, c)) for c in completions]
     return await _model_merge(instance, partials, client, config, window)
 
 
-def _leaf_budget(instance: Instance, source: Any, config: RunConfig, client: ModelClient, window: int) -> int:
+def _leaf_budget(
+    instance: Instance, source: Any, config: RunConfig, client: ModelClient, window: int
+) -> int:
     # The same arithmetic as rlm-graph's plan, so all methods read equal spans.
     plan = make_plan(
-        instance.question, source, config,
-        count=lambda t: client.count_tokens("worker", t[:400_000]), window=window,
+        instance.question,
+        source,
+        config,
+        count=lambda t: client.count_tokens("worker", t[:400_000]),
+        window=window,
     )
     return plan.leaf_tokens
 
 
 async def _leaf_call(
-    instance: Instance, text: str, client: ModelClient, config: RunConfig, paths: list[Path]
+    instance: Instance,
+    text: str,
+    client: ModelClient,
+    config: RunConfig,
+    paths: list[Path],
 ) -> Completion | None:
     kind = config.kind if config.kind != "auto" else instance.kind
-    task = Task(id="0", start=0, end=len(text), depth=0, question=instance.question, tokens=0)
+    task = Task(
+        id="0", start=0, end=len(text), depth=0, question=instance.question, tokens=0
+    )
     messages = leaf_messages(kind, task, text, feedback=None, file_hint=paths[0].name)
     try:
         return await client.complete(
-            "worker", messages, max_tokens=config.max_output_tokens, schema=schema_for(kind)
+            "worker",
+            messages,
+            max_tokens=config.max_output_tokens,
+            schema=schema_for(kind),
         )
     except Exception as exc:
         logger.info("leaf call failed: %s", exc)
@@ -158,7 +184,11 @@ async def _leaf_call(
 
 
 async def _model_merge(
-    instance: Instance, partials: list[str], client: ModelClient, config: RunConfig, window: int
+    instance: Instance,
+    partials: list[str],
+    client: ModelClient,
+    config: RunConfig,
+    window: int,
 ) -> Any:
     stated = [p for p in partials if p]
     if not stated:
@@ -171,12 +201,22 @@ async def _model_merge(
     for partial in stated:
         size += client.count_tokens("root", partial) + 6
         if size > limit:
-            logger.info("flat merge keeps %d of %d partial answers (window)", len(kept), len(stated))
+            logger.info(
+                "flat merge keeps %d of %d partial answers (window)",
+                len(kept),
+                len(stated),
+            )
             break
         kept.append(partial)
     messages = merge_messages(instance.question, kept)
-    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
-    completion = await client.complete("root", messages, max_tokens=config.max_output_tokens, schema=schema)
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string"}},
+        "required": ["answer"],
+    }
+    completion = await client.complete(
+        "root", messages, max_tokens=config.max_output_tokens, schema=schema
+    )
     data = parse_json_reply(completion.text)
     text = str(data.get("answer", "")) if isinstance(data, dict) else completion.text
     return _parse_merged(config.kind, text)
@@ -202,10 +242,18 @@ def _value(kind: str, completion: Completion | None) -> Any:
         except (TypeError, ValueError):
             return None
     if kind == "list":
-        return [str(i.get("item", "")) for i in data.get("items") or [] if isinstance(i, dict)]
+        return [
+            str(i.get("item", ""))
+            for i in data.get("items") or []
+            if isinstance(i, dict)
+        ]
     if kind == "table":
         rows = data.get("rows") or []
-        return {str(r.get("label")): int(r.get("count") or 0) for r in rows if isinstance(r, dict)}
+        return {
+            str(r.get("label")): int(r.get("count") or 0)
+            for r in rows
+            if isinstance(r, dict)
+        }
     answer = str(data.get("answer") or "").strip()
     return None if not answer or answer.casefold() == "not stated" else answer
 
@@ -229,4 +277,3 @@ def _parse_merged(kind: str, text: str) -> Any:
     if kind == "table":
         return {label: int(n) for label, n in re.findall(r"(\w+): (\d+)", text)}
     return text.strip() or None
-

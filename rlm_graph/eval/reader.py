@@ -29,7 +29,9 @@ _PARTIAL = re.compile(r"^\[\d+\] (.*)$", re.MULTILINE)
 _NOT_STATED = "not stated"
 
 
-def reading_responder(instances: Iterable[Instance]) -> Callable[[ModelRequest], Reply | str]:
+def reading_responder(
+    instances: Iterable[Instance],
+) -> Callable[[ModelRequest], Reply | str]:
     """A responder for :class:`~rlm_graph.testing.ScriptedModel` that reads.
 
     Args:
@@ -65,13 +67,24 @@ def _format(reading: Reading, schema: dict[str, Any]) -> dict[str, Any]:
     value, quotes = reading.value, list(reading.quotes)
     if "rows" in properties:
         table = value if isinstance(value, dict) else {}
-        return {"rows": [
-            {"label": label, "count": n, "quotes": [q for q in quotes if f"label: {label} " in q]}
-            for label, n in table.items() if n
-        ]}
+        return {
+            "rows": [
+                {
+                    "label": label,
+                    "count": n,
+                    "quotes": [q for q in quotes if f"label: {label} " in q],
+                }
+                for label, n in table.items()
+                if n
+            ]
+        }
     if "items" in properties:
         items = value if isinstance(value, list) else []
-        return {"items": [{"item": v, "quote": q} for v, q in zip(items, quotes, strict=False)]}
+        return {
+            "items": [
+                {"item": v, "quote": q} for v, q in zip(items, quotes, strict=False)
+            ]
+        }
     if "count" in properties:
         return {"count": int(value or 0), "quotes": quotes}
     if value is None:
@@ -103,6 +116,8 @@ def _merge(prompt: str, question: str) -> str:
                 totals[label] = totals.get(label, 0) + int(n)
         return _render(totals)
     if any(";" in p for p in stated) or "list" in question.casefold():
-        items = dict.fromkeys(v.strip() for p in stated for v in p.split(";") if v.strip())
+        items = dict.fromkeys(
+            v.strip() for p in stated for v in p.split(";") if v.strip()
+        )
         return "; ".join(items)
     return stated[0]
