@@ -198,3 +198,33 @@ def test_reading_double_sees_only_what_it_is_sent():
     at = text.index("The secret code for the violet gate")
     assert "5543" in ask(text[at - 100 : at + 100])
     assert "5543" not in ask(text[: at - 10])
+
+
+def test_cli_eval_prints_the_table_and_writes_chart_and_rows(tmp_path):
+    from click.testing import CliRunner
+
+    from rlm_graph.cli import main
+
+    chart, rows = tmp_path / "acc.png", tmp_path / "rows.json"
+    out = CliRunner().invoke(main, [
+        "eval", "--reading-double", "--task", "needle", "--task", "count", "--sizes", "4k,12k",
+        "--depths", "0.9", "--planner", "rules", "--chart", str(chart), "--json", str(rows),
+    ])
+
+    assert out.exit_code == 0, out.output
+    assert "| needle | 12,000 | rlm | 1 | 1.00 |" in out.stdout
+    assert "| count | 12,000 | rlm | 1 | 1.00 |" in out.stdout
+    assert chart.read_bytes()[:4] == b"\x89PNG"
+    import json
+
+    data = json.loads(rows.read_text())
+    assert len(data) == 2 * 2 * 3 and {r["method"] for r in data} == {"direct", "mapreduce", "rlm"}
+
+
+def test_cli_eval_rejects_a_bad_size():
+    from click.testing import CliRunner
+
+    from rlm_graph.cli import main
+
+    out = CliRunner().invoke(main, ["eval", "--reading-double", "--sizes", "8q"])
+    assert out.exit_code == 2 and "--sizes" in out.stderr and "Traceback" not in out.output
