@@ -25,7 +25,7 @@ from langgraph.types import Command
 
 from rlm_graph.models import Role
 from rlm_graph.nodes.delegate import CallResult, Decision, Engine
-from rlm_graph.nodes.types import Outcome, Task
+from rlm_graph.nodes.types import Outcome, Plan, Task
 
 __all__ = ["RunState", "build_graph"]
 
@@ -82,6 +82,12 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
     engine.call = durable_call
     engine.spawn = durable_spawn
 
+    def _follow_plan(state: RunState) -> None:
+        # A run resumed from a checkpoint after the plan node gets the plan the
+        # root model made then, not the rules' plan it was prepared with.
+        if state.get("plan") and engine.plan.model_dump(mode="json") != state["plan"]:
+            engine.adopt_plan(Plan.model_validate(state["plan"]))
+
     async def plan(state: RunState) -> dict[str, Any]:
         await engine.plan_with_model()
         root = Task(
@@ -96,11 +102,13 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
         }
 
     async def split(state: RunState) -> dict[str, Any]:
+        _follow_plan(state)
         root = Task.model_validate(state["task"])
         children = engine.split(root, finer=state.get("finer", False))
         return {"children": [c.model_dump(mode="json") for c in children]}
 
     async def delegate(state: RunState) -> dict[str, Any]:
+        _follow_plan(state)
         children = [Task.model_validate(c) for c in state.get("children") or []]
         if children:
             outcomes = await asyncio.gather(*(engine.spawn(child) for child in children))
@@ -112,6 +120,7 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
         return {"reply": result.to_dict(), "attempts": state.get("attempts", 0) + 1}
 
     async def verify(state: RunState) -> Command[Any]:
+        _follow_plan(state)
         if state.get("children"):
             return Command(goto="merge")
         root = Task.model_validate(state["task"])
@@ -130,6 +139,7 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
         return Command(goto="merge", update={"decision": _decision_dict(decision)})
 
     async def merge(state: RunState) -> dict[str, Any]:
+        _follow_plan(state)
         root = Task.model_validate(state["task"])
         if state.get("children"):
             outcomes = [Outcome.model_validate(o) for o in state.get("outcomes") or []]

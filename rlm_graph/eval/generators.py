@@ -417,7 +417,8 @@ def _insert(text: str, sentence: str, depth: float, straddle_tokens: int | None)
 
 def _records(rng: random.Random, tokens: int) -> tuple[str, list[tuple[int, str, str]]]:
     weights = [rng.uniform(0.5, 2.0) for _ in _LABELS]
-    users = [f"U{n:04d}" for n in rng.sample(range(10000), max(20, tokens // 400))]
+    # One user per ~400 tokens of records, at most 5,000 (IDs are 4 digits).
+    users = [f"U{n:04d}" for n in rng.sample(range(10000), max(20, min(5000, tokens // 400)))]
     lines: list[str] = []
     rows: list[tuple[int, str, str]] = []
     size = 0

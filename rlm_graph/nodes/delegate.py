@@ -63,7 +63,7 @@ _META_ANSWER = re.compile(
 class Event:
     """Progress of a run, for displays and logs."""
 
-    kind: Literal["task_started", "task_done", "call_done"]
+    kind: Literal["run_started", "task_started", "task_done", "call_done"]
     task_id: str = ""
     depth: int = 0
     data: dict[str, Any] = field(default_factory=dict)
@@ -138,12 +138,21 @@ class Engine:
         self.config = config
         self.plan = plan
         self.client = client
-        self._emit = emit or (lambda event: None)
+        self._listeners: list[Callable[[Event], None]] = [emit] if emit else []
         self._filter = re.compile(plan.filter, re.IGNORECASE) if plan.filter else None
         self.call: CallFn = self.call_model
         """How stages call a model; the graph swaps in a durable task."""
         self.spawn: SpawnFn = self.solve
         """How a task starts a child; the graph swaps in a durable task."""
+
+    def emit(self, event: Event) -> None:
+        """Send a progress event to every listener."""
+        for listener in self._listeners:
+            listener(event)
+
+    def add_listener(self, listener: Callable[[Event], None]) -> None:
+        """Also send progress events to ``listener``."""
+        self._listeners.append(listener)
 
     # -- plan ---------------------------------------------------------------
 
@@ -394,16 +403,18 @@ class Engine:
 
     async def solve(self, task: Task) -> Outcome:
         """Run split, delegate, verify and merge for one task and its subtree."""
-        self._emit(Event("task_started", task.id, task.depth, {"tokens": task.tokens}))
+        self.emit(Event("task_started", task.id, task.depth, {
+            "tokens": task.tokens, "start": task.start, "end": task.end,
+        }))
         if not self.passes_filter(task):
-            self._emit(Event("task_done", task.id, task.depth, {"status": "skipped"}))
+            self.emit(Event("task_done", task.id, task.depth, {"status": "skipped"}))
             return Outcome(task=task, answer=Answer(kind=self.plan.kind, found=False), verdict="skipped")
         children = self.split(task)
         if children:
             outcome = await self.solve_children(task, children)
         else:
             outcome = await self.solve_leaf(task)
-        self._emit(Event("task_done", task.id, task.depth, {"status": outcome.status}))
+        self.emit(Event("task_done", task.id, task.depth, {"status": outcome.status}))
 
         return outcome
 
