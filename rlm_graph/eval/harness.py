@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from rlm_graph.config import RunConfig
+from rlm_graph.errors import ConfigError
 from rlm_graph.eval.generators import Instance
 from rlm_graph.eval.methods import METHODS, MethodName, MethodRun, run_method
 
@@ -148,13 +149,13 @@ def draw_chart(rows: Sequence[Row], path: Path, *, title: str) -> Path:
     """Write a PNG of accuracy against input size, one panel per task family.
 
     Raises:
-        ImportError: matplotlib is missing (``pip install 'rlm-graph[eval]'``).
+        ConfigError: matplotlib is missing (``pip install 'rlm-graph[eval]'``).
     """
     try:
         import matplotlib
     except ImportError as exc:
         msg = "The chart needs matplotlib: pip install 'rlm-graph[eval]'"
-        raise ImportError(msg) from exc
+        raise ConfigError(msg) from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
