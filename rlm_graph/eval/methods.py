@@ -88,7 +88,9 @@ async def run_method(
 async def _rlm(instance: Instance, paths: list[Path], config: RunConfig) -> MethodRun:
     from rlm_graph.api import arun
 
-    result = await arun(instance.question, [str(p) for p in paths], config=config)
+    # In memory: evaluation runs are not for resuming, and must not fill (or
+    # wait on a lock of) the user's run store.
+    result = await arun(instance.question, [str(p) for p in paths], config=config, store="memory")
     usage = result.usage
     return MethodRun(
         method="rlm",
