@@ -171,10 +171,9 @@ def draw_chart(rows: Sequence[Row], path: Path, *, title: str) -> Path:
                     points.setdefault(row.tokens, []).append(row.score)
             sizes = sorted(points)
             axis.plot(
-                sizes,
-                [sum(points[s]) / len(points[s]) for s in sizes],
-                marker="o",
-                label=method,
+                sizes, [sum(points[s]) / len(points[s]) for s in sizes], label=method,
+                # Lines that coincide stay visible: own marker, dash and width.
+                **_STYLES.get(method, {"marker": "o"}),
             )
         axis.set_xscale("log")
         axis.set_ylim(-0.05, 1.05)
@@ -189,6 +188,13 @@ def draw_chart(rows: Sequence[Row], path: Path, *, title: str) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+_STYLES: dict[str, dict[str, Any]] = {
+    "direct": {"marker": "o", "linestyle": ":", "linewidth": 2.5, "markersize": 9},
+    "mapreduce": {"marker": "s", "linestyle": "--", "linewidth": 2.0, "markersize": 7},
+    "rlm": {"marker": "^", "linestyle": "-", "linewidth": 1.2, "markersize": 5},
+}
 
 
 def _as_int(answer: Any) -> int | None:
