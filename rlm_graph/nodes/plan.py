@@ -21,7 +21,6 @@ Flags win over both: a field the user set is never changed by the model.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
