@@ -31,7 +31,7 @@ from tenacity import (
 )
 
 from rlm_graph.config import RunConfig
-from rlm_graph.errors import ConfigError, ContextWindowError, ModelCallError
+from rlm_graph.errors import ConfigError, ContextWindowError, ModelCallError, StoreError
 from rlm_graph.result import Usage
 from rlm_graph.tokens import ensure_offline_litellm, token_counter
 
@@ -208,7 +208,7 @@ class ModelClient:
             async for attempt in retrying:
                 with attempt:
                     return await self._send_once(role, messages, params, key)
-        except ModelCallError:
+        except (ModelCallError, StoreError):
             raise
         except Exception as exc:
             raise self._translate(role, exc) from exc

@@ -36,6 +36,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
+from langgraph.store.sqlite import AsyncSqliteStore
 from pydantic import BaseModel, Field
 
 from rlm_graph.errors import RunBusyError, StoreError
@@ -172,7 +173,10 @@ class Store:
 
     async def get(self, key: str) -> Completion | None:
         """The recorded completion of a call key (the :class:`CallLog` protocol)."""
-        item = await self.kv.aget(_CALLS, key)
+        try:
+            item = await self.kv.aget(_CALLS, key)
+        except Exception as exc:
+            raise self._failed("read the call log", exc) from exc
         if item is None:
             return None
         try:
@@ -185,7 +189,13 @@ class Store:
         """Record a completion durably (committed when this returns)."""
         value = asdict(completion)
         value["cached"] = False
-        await self.kv.aput(_CALLS, key, value, index=False)
+        try:
+            await self.kv.aput(_CALLS, key, value, index=False)
+        except Exception as exc:
+            raise self._failed("record a finished call", exc) from exc
+
+    def _failed(self, what: str, exc: Exception) -> StoreError:
+        return StoreError(f"Could not {what} in the store {self.location}: {redact(str(exc))}")
 
     async def count_calls(self) -> int:
         """How many calls the log holds."""
@@ -320,7 +330,6 @@ async def _open_memory() -> AsyncIterator[Store]:
 async def _open_sqlite(path: Path) -> AsyncIterator[Store]:
     import aiosqlite
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-    from langgraph.store.sqlite import AsyncSqliteStore
 
     _check_sqlite_file(path)
     try:
@@ -336,7 +345,7 @@ async def _open_sqlite(path: Path) -> AsyncIterator[Store]:
             await saver_conn.execute("PRAGMA busy_timeout = 60000")
             await kv_conn.execute("PRAGMA busy_timeout = 60000")
             saver = AsyncSqliteSaver(saver_conn)
-            kv = AsyncSqliteStore(kv_conn)
+            kv = _ImmediateSqliteStore(kv_conn)
             await saver.setup()
             await kv.setup()
             store = Store(str(path), saver, kv, _FileLocker(path))
@@ -345,6 +354,34 @@ async def _open_sqlite(path: Path) -> AsyncIterator[Store]:
     except (sqlite3.DatabaseError, OSError) as exc:
         msg = f"Cannot use the store {path}: {exc}. Pick another file with --store PATH."
         raise StoreError(msg) from exc
+
+
+class _ImmediateSqliteStore(AsyncSqliteStore):
+    """AsyncSqliteStore whose transactions take the write lock when they begin.
+
+    The stock store begins deferred transactions that read, then write. With the
+    checkpointer writing the same file from another connection, SQLite cannot
+    upgrade such a transaction and fails at once with "database is locked"
+    instead of waiting (seen on an 800-call run). ``BEGIN IMMEDIATE`` waits for
+    the busy timeout instead, and a failed batch is rolled back, not committed.
+    """
+
+    @contextlib.asynccontextmanager
+    async def _cursor(self, *, transaction: bool = True) -> AsyncIterator[Any]:
+        if not self.is_setup:
+            await self.setup()
+        async with self.lock:
+            if transaction:
+                await self.conn.execute("BEGIN IMMEDIATE")
+            async with self.conn.cursor() as cur:
+                try:
+                    yield cur
+                except BaseException:
+                    if transaction:
+                        await self.conn.execute("ROLLBACK")
+                    raise
+                if transaction:
+                    await self.conn.execute("COMMIT")
 
 
 def _check_sqlite_file(path: Path) -> None:
