@@ -278,3 +278,24 @@ async def test_no_judge_calls_without_a_judge_model(scripted):
     )
     assert result.tree.judge is None
     assert not any("Proposed answer" in r.prompt for r in double.requests)
+
+
+def test_cli_verbose_shows_the_plan_the_run_followed(scripted, tmp_path):
+    from click.testing import CliRunner
+
+    from rlm_graph.cli import main
+
+    scripted(planner_then(
+        {"kind": "text", "sub_question": "", "chunk_tokens": 0, "filter": "secret code"},
+        text_reply(r"The secret code word is (\w+)\."),
+    ))
+    source = tmp_path / "book.txt"
+    source.write_text(TEXT)
+    out = CliRunner().invoke(main, [
+        "run", str(source), "-q", "What is the secret code word?", "-v",
+        "--model", "scripted/m", "--context-window", "4096", "--planner", "model",
+    ])
+
+    assert out.exit_code == 0, out.output
+    assert "HELIOTROPE" in out.stdout
+    assert "plan made by model" in out.stderr and "pre-filter:    secret code" in out.stderr
