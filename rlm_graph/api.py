@@ -20,6 +20,8 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from rlm_graph.config import RunConfig
 from rlm_graph.errors import ConfigError, ResumeMismatchError, SourceError, StoreError
 from rlm_graph.graph import build_graph
@@ -63,7 +65,10 @@ def run(
             ``$RLM_GRAPH_STORE`` or the per-user default file.
         run_id: a name for the run (letters, digits, ``._-``); a new random
             id when None.
-        **settings: any :class:`RunConfig` field, e.g. ``model="openai/gpt-4o-mini"``.
+        **settings: any :class:`RunConfig` field, e.g. ``model="openai/gpt-4o-mini"``;
+            also ``schema=``: a pydantic model class (or a JSON Schema dict) of
+            one record, for answers that are lists of such records (then
+            ``Result.answer`` holds instances of that class).
 
     Raises:
         ConfigError: bad settings, an unknown model, a window too small.
@@ -94,9 +99,15 @@ async def arun(
 
     Same arguments as :func:`run`.
     """
+    record_model = _record_model(settings)
     engine = prepare(question, paths, text=text, config=config, on_event=on_event, **settings)
     async with open_store(store) as opened:
-        return await execute(engine, store=opened, run_id=run_id)
+        result = await execute(engine, store=opened, run_id=run_id)
+    if record_model is not None and result.kind == "schema" and result.answer:
+        # Records passed the schema's JSON check in verify; this gives them
+        # back as the caller's own type.
+        result.answer = [record_model.model_validate(record) for record in result.answer]
+    return result
 
 
 def resume(
@@ -220,6 +231,7 @@ async def execute(
             autosave.cancel()
             record.status = "interrupted"
             record.error = _short_error(exc)
+            record.plan = engine.plan.model_dump(mode="json")
             record.progress = progress.snapshot()
             await asyncio.shield(store.save_run(record))
             raise
@@ -229,6 +241,7 @@ async def execute(
         result = build_result(record.run_id, engine, outcome, elapsed_s=time.monotonic() - started)
         record.status = result.status
         record.result = result.model_dump(mode="json")
+        record.plan = engine.plan.model_dump(mode="json")
         record.progress = progress.snapshot()
         await store.save_run(record)
     logger.info("run %s finished: %s, %d calls", record.run_id, result.status, result.usage.calls)
@@ -251,6 +264,7 @@ def prepare(
     Args:
         stdin_text: what to read for a ``-`` path instead of ``sys.stdin``.
     """
+    _record_model(settings)
     config = _configure(config, settings)
     source = _load(paths, text, config, stdin_text)
     client = ModelClient(config, on_call=_call_notifier(on_event))
@@ -287,10 +301,26 @@ def build_result(run_id: str, engine: Engine, outcome: Outcome, *, elapsed_s: fl
         usage=engine.client.usage.model_copy(),
         failures=failures,
         tree=_tree(source, outcome),
+        plan=engine.plan.model_dump(mode="json"),
         elapsed_s=round(elapsed_s, 3),
         models=dict(engine.client.models),
         stop_reason=engine.client.budget.reason if status == "stopped" else None,
     )
+
+
+def _record_model(settings: dict[str, Any]) -> type[BaseModel] | None:
+    """Turn a ``schema=`` setting into ``answer_schema``; return the model class."""
+    schema = settings.pop("schema", None)
+    if schema is None:
+        return None
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        settings["answer_schema"] = schema.model_json_schema()
+        return schema
+    if isinstance(schema, dict):
+        settings["answer_schema"] = schema
+        return None
+    msg = f"schema= must be a pydantic model class or a JSON Schema dict, not {type(schema).__name__}."
+    raise ConfigError(msg)
 
 
 def _configure(config: RunConfig | None, settings: dict[str, Any]) -> RunConfig:
@@ -537,5 +567,6 @@ def _tree(source: Source, outcome: Outcome) -> TaskNode:
         verdict=outcome.verdict,
         status=outcome.status,
         attempts=outcome.attempts,
+        judge=outcome.judge,
         children=[_tree(source, child) for child in outcome.children],
     )

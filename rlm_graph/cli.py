@@ -57,7 +57,14 @@ def main() -> None:
 @click.option("--concurrency", type=int, help="Most model calls in flight at once (default 8).")
 @click.option("--fan-out", type=int, help="Most child spans one split makes (default 8).")
 @click.option("--fan-in", type=int, help="Most answers one free-text merge call reads (default 8).")
-@click.option("--kind", type=click.Choice(["auto", "text", "list", "count"]), help="Answer kind.")
+@click.option("--kind", type=click.Choice(["auto", "text", "list", "count", "table", "yesno", "schema"]),
+              help="Answer kind (default: the plan decides).")
+@click.option("--schema", "schema_file", type=click.Path(exists=True, dir_okay=False),
+              help="JSON Schema file of one record: the answer is a list of such records.")
+@click.option("--sub-question", help="What each piece is asked (default: the plan decides).")
+@click.option("--planner", type=click.Choice(["model", "rules"]),
+              help="Who plans: the root model from a preview (default), or rules only.")
+@click.option("--judge-model", help="Judge model: checks each leaf answer against its span.")
 @click.option("--filter", help="Regex: skip parts of the source with no match, unread.")
 @click.option("--context-window", type=int, help="Worker window in tokens, for unknown models.")
 @click.option("--max-output-tokens", type=int, help="Output tokens reserved per call.")
@@ -81,9 +88,12 @@ def run_command(
 ) -> None:
     """Answer QUESTION over SOURCE files, directories or '-' (stdin)."""
     _configure_logging(verbose, debug)
+    schema_file = options.pop("schema_file", None)
     settings = {key: value for key, value in options.items() if value is not None}
     progress = _Progress(enabled=sys.stderr.isatty(), store=store)
     with _errors_to_exit_codes(debug, progress):
+        if schema_file:
+            settings["answer_schema"] = _read_schema(schema_file)
         from rlm_graph.api import execute, prepare
         from rlm_graph.source import decode_bytes
         from rlm_graph.store import open_store
@@ -105,6 +115,11 @@ def run_command(
             result = _await(go())
         finally:
             progress.stop()
+    if verbose and result.plan:
+        from rlm_graph.nodes.plan import render_plan
+        from rlm_graph.nodes.types import Plan
+
+        click.echo(render_plan(Plan.model_validate(result.plan)), err=True)
     _finish(result, as_json)
 
 
@@ -247,6 +262,131 @@ def _finish(result: Any, as_json: bool) -> None:
         sys.exit(EXIT_MODEL)
     if result.status != "done":
         sys.exit(EXIT_PARTIAL)
+
+
+@main.command("eval")
+@click.option("--task", "families", multiple=True,
+              type=click.Choice(["needle", "count", "compare", "pairs", "multidoc"]),
+              help="Task family (repeatable; default: needle).")
+@click.option("--sizes", default="8k,32k", show_default=True,
+              help="Comma-separated source sizes in tokens (k and m suffixes).")
+@click.option("--method", "methods", multiple=True, type=click.Choice(["direct", "mapreduce", "rlm"]),
+              help="Method (repeatable; default: all three).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generators.")
+@click.option("--depths", default="0.1,0.5,0.9", show_default=True,
+              help="Needle depths, as shares of the source.")
+@click.option("--straddle-tokens", type=int,
+              help="Also place a needle across a span boundary every this many tokens.")
+@click.option("--model", help="Model for every role (default: the embedded model).")
+@click.option("--reading-double", is_flag=True,
+              help="Use the reading double (a scripted model that answers from what it is sent).")
+@click.option("--context-window", type=int, help="Window in tokens (default 8192 for the double).")
+@click.option("--chunk-tokens", type=int, help="Largest span a leaf call reads, in tokens.")
+@click.option("--concurrency", type=int, help="Most model calls in flight at once.")
+@click.option("--filter", "filter_", help="Pre-filter regex for rlm-graph and the map-reduce (not the direct call).")
+@click.option("--planner", type=click.Choice(["model", "rules"]), help="Who plans rlm-graph's runs (default: model).")
+@click.option("--chart", type=click.Path(dir_okay=False), help="Write a PNG chart here.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every row as JSON here.")
+@click.option("-v", "--verbose", count=True, help="-v: one line per method run.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def eval_command(
+    families: tuple[str, ...], sizes: str, methods: tuple[str, ...], seed: int, depths: str,
+    straddle_tokens: int | None, model: str | None, reading_double: bool,
+    context_window: int | None, chunk_tokens: int | None, concurrency: int | None,
+    filter_: str | None, planner: str | None, chart: str | None, json_path: str | None, verbose: int, debug: bool,
+) -> None:
+    """Compare a direct call, a flat map-reduce and rlm-graph on generated tasks."""
+    _configure_logging(verbose, debug)
+    with _errors_to_exit_codes(debug):
+        from pathlib import Path
+
+        from rlm_graph.eval import draw_chart, format_table, run_eval, suite
+        from rlm_graph.eval.harness import Row
+
+        instances = suite(
+            list(families or ["needle"]), _parse_sizes(sizes), seed=seed,
+            depths=tuple(float(d) for d in depths.split(",") if d.strip()),
+            straddle_tokens=straddle_tokens,
+        )
+        settings: dict[str, Any] = {
+            key: value for key, value in
+            {"chunk_tokens": chunk_tokens, "concurrency": concurrency, "filter": filter_,
+             "planner": planner}.items() if value
+        }
+        double = None
+        if reading_double:
+            from rlm_graph.eval.reader import reading_responder
+            from rlm_graph.testing import ScriptedModel
+
+            double = ScriptedModel(reading_responder(instances)).register()
+            model = "scripted/reader"
+            context_window = context_window or 8192
+        config = _eval_config(model, context_window, settings)
+
+        done: list[Row] = []
+
+        def show(row: Row) -> None:
+            done.append(row)
+            if json_path:  # rewritten after every row: a long run keeps what it has
+                Path(json_path).write_text(
+                    json.dumps([r.model_dump(mode="json") for r in done], indent=1), encoding="utf-8"
+                )
+            click.echo(
+                f"{row.instance:<24} {row.method:<9} score {row.score:.2f}  "
+                f"calls {row.run.calls:>5}  {row.run.elapsed_s:>7.1f}s"
+                + (f"  ({row.run.error})" if row.run.error else "")
+                + (f"  [plan: {row.run.plan_made_by}]" if row.run.plan_made_by else ""),
+                err=True,
+            )
+
+        try:
+            rows = _await(run_eval(instances, config, methods=list(methods or ["direct", "mapreduce", "rlm"]), on_row=show))
+        finally:
+            if double is not None:
+                double.unregister()
+
+        click.echo(format_table(rows))
+        name = "reading double" if reading_double else config.root_model
+        if chart:
+            draw_chart(rows, Path(chart), title=f"accuracy by input size ({name}, seed {seed})")
+            click.echo(f"chart written to {chart}", err=True)
+
+
+def _parse_sizes(text: str) -> list[int]:
+    from rlm_graph.errors import ConfigError
+
+    sizes = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        scale = {"k": 1_000, "m": 1_000_000}.get(part[-1], 1)
+        try:
+            sizes.append(int(float(part.rstrip("km")) * scale))
+        except ValueError:
+            msg = f"--sizes: {part!r} is not a size; write e.g. 8k,32k,1m."
+            raise ConfigError(msg) from None
+    return sizes
+
+
+def _eval_config(model: str | None, context_window: int | None, settings: dict[str, Any]) -> Any:
+    from rlm_graph.config import RunConfig
+
+    return RunConfig(model=model, context_window=context_window, **settings)
+
+
+def _read_schema(path: str) -> dict[str, Any]:
+    from rlm_graph.errors import ConfigError
+
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())  # noqa: SIM115
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        msg = f"--schema {path}: not a readable JSON file ({exc}). Pass a JSON Schema of one record."
+        raise ConfigError(msg) from None
+    if not isinstance(data, dict):
+        msg = f'--schema {path}: expected a JSON object like {{"type": "object", "properties": {{...}}}}.'
+        raise ConfigError(msg)
+    return data
 
 
 def _await(coro: Any) -> Any:
@@ -462,6 +602,13 @@ def _print_estimate(engine: Any, as_json: bool) -> None:
 def _print_human(result: Any) -> None:
     if result.kind == "list":
         answer = "\n".join(f"- {item}" for item in result.answer or []) or "(nothing found)"
+    elif result.kind == "table":
+        answer = "\n".join(f"{label}: {n}" for label, n in (result.answer or {}).items()) or "(nothing found)"
+    elif result.kind == "yesno":
+        answer = {True: "yes", False: "no"}.get(result.answer, "(no part of the source said)")
+    elif result.kind == "schema":
+        records = [json.dumps(r, ensure_ascii=False) for r in result.answer or []]
+        answer = "\n".join(records) or "(nothing found)"
     elif not result.found and result.kind == "text":
         answer = "(no part of the source answered the question)"
     else:

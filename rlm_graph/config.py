@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["AnswerKind", "RunConfig"]
 
-AnswerKind = Literal["auto", "text", "list", "count"]
+AnswerKind = Literal["auto", "text", "list", "count", "table", "yesno", "schema"]
 
 
 class RunConfig(BaseSettings):
@@ -80,8 +80,24 @@ class RunConfig(BaseSettings):
     """Most model calls in flight at once, over the whole run."""
 
     kind: AnswerKind = "auto"
-    """Answer kind: free text, a list of items or a count; ``auto`` guesses it
-    from the question."""
+    """Answer kind: free text, a list of items, a count, a table of labelled
+    counts, yes/no, or records of ``answer_schema``; ``auto`` lets the plan
+    decide."""
+
+    answer_schema: dict[str, Any] | None = None
+    """JSON Schema of one record (``--schema FILE``, or a pydantic model's
+    ``model_json_schema()``); setting it makes the kind ``schema``."""
+
+    sub_question: str | None = None
+    """What each piece is asked, instead of the planned sub-question."""
+
+    planner: Literal["model", "rules"] = "model"
+    """Who plans: the root model, from a preview of the source (fields it gets
+    wrong fall back to rules), or the rules alone (no planning call)."""
+
+    judge_model: str | None = None
+    """Judge model: checks each leaf answer against its span (one more call per
+    leaf). A LiteLLM name; none means no judge."""
 
     filter: str | None = None
     """Regular expression (case-insensitive): parts of the source with no match are
@@ -140,6 +156,23 @@ class RunConfig(BaseSettings):
                 msg = f"--filter {value!r} is not a valid regular expression: {exc}"
                 raise ValueError(msg) from exc
         return value or None
+
+    @field_validator("answer_schema")
+    @classmethod
+    def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        import jsonschema
+
+        try:
+            jsonschema.Draft202012Validator.check_schema(value)
+        except jsonschema.SchemaError as exc:
+            msg = f"the answer schema is not a valid JSON Schema: {exc.message}"
+            raise ValueError(msg) from None
+        if value.get("type") != "object" or not value.get("properties"):
+            msg = 'the answer schema must describe one record: {"type": "object", "properties": {...}}'
+            raise ValueError(msg)
+        return value
 
     @field_validator("model", "worker_model", "judge_model", "api_base")
     @classmethod

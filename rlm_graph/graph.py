@@ -26,7 +26,7 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
 
 from rlm_graph.nodes.delegate import CallResult, Decision, Engine
-from rlm_graph.nodes.types import Outcome, Task
+from rlm_graph.nodes.types import Outcome, Plan, Task
 
 __all__ = ["RunState", "build_graph"]
 
@@ -68,7 +68,14 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
     async def durable_spawn(task: Task) -> Outcome:
         return Outcome.model_validate(await solve(task.model_dump(mode="json")))
 
+    def _follow_plan(state: RunState) -> None:
+        # A run resumed from a checkpoint after the plan node gets the plan the
+        # root model made then, not the rules' plan it was prepared with.
+        if state.get("plan") and engine.plan.model_dump(mode="json") != state["plan"]:
+            engine.adopt_plan(Plan.model_validate(state["plan"]))
+
     async def plan(state: RunState) -> dict[str, Any]:
+        await engine.plan_with_model()
         root = Task(
             id="0", start=0, end=len(engine.source.text), depth=0,
             question=engine.plan.question, tokens=engine.plan.source_tokens,
@@ -81,11 +88,13 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
         }
 
     async def split(state: RunState) -> dict[str, Any]:
+        _follow_plan(state)
         root = Task.model_validate(state["task"])
         children = engine.split(root, finer=state.get("finer", False))
         return {"children": [c.model_dump(mode="json") for c in children]}
 
     async def delegate(state: RunState) -> dict[str, Any]:
+        _follow_plan(state)
         children = [Task.model_validate(c) for c in state.get("children") or []]
         if children:
             # The root's children are durable tasks: a finished top-level subtree
@@ -102,6 +111,7 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
         return {"reply": result.to_dict(), "attempts": state.get("attempts", 0) + 1}
 
     async def verify(state: RunState) -> Command[Any]:
+        _follow_plan(state)
         if state.get("children"):
             return Command(goto="merge")
         root = Task.model_validate(state["task"])
@@ -109,6 +119,7 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
             root, CallResult.from_dict(state["reply"] or {}),
             max_tokens=state["max_tokens"], re_asks=state.get("re_asks", 0),
         )
+        decision = await engine.judge(root, decision, re_asks=state.get("re_asks", 0))
         if decision.action == "retry":
             return Command(goto="delegate", update={
                 "feedback": decision.feedback, "max_tokens": decision.max_tokens,
@@ -119,6 +130,7 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
         return Command(goto="merge", update={"decision": _decision_dict(decision)})
 
     async def merge(state: RunState) -> dict[str, Any]:
+        _follow_plan(state)
         root = Task.model_validate(state["task"])
         if state.get("children"):
             outcomes = [Outcome.model_validate(o) for o in state.get("outcomes") or []]
@@ -150,5 +162,5 @@ def _decision_dict(decision: Decision) -> dict[str, Any]:
     return {
         "action": decision.action, "answer": answer, "verdict": decision.verdict,
         "feedback": decision.feedback, "max_tokens": decision.max_tokens,
-        "reason": decision.reason,
+        "reason": decision.reason, "judge": decision.judge,
     }

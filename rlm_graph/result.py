@@ -87,6 +87,8 @@ class TaskNode(_Record):
     status: Literal["done", "failed", "stopped"] = "done"
     attempts: int = 0
     """Model calls this task made itself (children not included)."""
+    judge: str | None = None
+    """The judge model's verdict on this task's answer (None: not judged)."""
     children: list[TaskNode] = Field(default_factory=list)
 
 
@@ -100,15 +102,20 @@ class Result(_Record):
     it; failed: no part could be answered."""
     question: str
     kind: str
-    """Answer kind: text, list or count."""
+    """Answer kind: text, list, count, table, yesno or schema."""
     answer: Any
-    """Text, a list of strings, or an integer, depending on ``kind``."""
+    """Depends on ``kind``: text; a list of strings; an integer; a
+    ``{label: count}`` dict; True/False (None when no part said); a list of
+    records (dicts valid under the schema)."""
     found: bool = True
     """False when no part of the source answered the question."""
     citations: list[Citation] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
     failures: list[Failure] = Field(default_factory=list)
     tree: TaskNode | None = None
+    plan: dict[str, Any] | None = None
+    """The plan the run followed: kind, sub-question, span sizes, filter, and who
+    made it (``made_by``)."""
     elapsed_s: float = 0.0
     stop_reason: str | None = None
     """Which budget stopped the run, when ``status`` is stopped."""

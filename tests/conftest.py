@@ -17,6 +17,10 @@ import pytest
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
+# Engine tests count model calls and script every reply; they plan by rules.
+# Planning by the model is tested on its own, with planner="model" passed
+# explicitly (tests/test_plan.py, tests/test_embedded_e2e.py).
+os.environ.setdefault("RLM_GRAPH_PLANNER", "rules")
 
 from rlm_graph.testing import ModelRequest, Reply, ScriptedModel  # noqa: E402
 

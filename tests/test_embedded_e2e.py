@@ -52,3 +52,24 @@ def test_cli_with_the_embedded_model_and_a_filter(excerpt):
     skipped = [c for c in data["tree"]["children"] if c["verdict"] == "skipped"]
     assert data["tree"]["children"] and skipped, "spans without 'sisters' are skipped unread"
     assert all(excerpt.read_text()[c["start"] : c["end"]] == c["quote"] for c in data["citations"])
+
+
+@pytest.mark.embedded
+async def test_embedded_model_plans_or_falls_back_to_rules_safely(excerpt):
+    """The 135M root model plans from a preview; whatever it replies, the plan
+    the run follows is valid: fields it got wrong are the rules' values."""
+    result = await arun(QUESTION, [excerpt], chunk_tokens=400, planner="model")
+
+    plan = result.plan
+    assert plan is not None
+    assert plan["made_by"] == "model" or plan["made_by"].startswith(("model (rules kept", "rules ("))
+    assert plan["kind"] in ("text", "list", "count", "table", "yesno")
+    assert plan["leaf_tokens"] == 400, "a flag's value is never replaced by the model"
+    text = excerpt.read_text()
+    if plan["filter"]:
+        import re
+
+        assert re.search(plan["filter"], text, re.IGNORECASE), "a filter that skips everything is dropped"
+    assert result.status in ("done", "partial")
+    for citation in result.citations:
+        assert text[citation.start : citation.end] == citation.quote

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from rlm_graph.config import RunConfig
@@ -24,14 +25,22 @@ from rlm_graph.errors import BudgetExceeded, ContextWindowError, ModelCallError
 from rlm_graph.models import Completion, ModelClient, Role
 from rlm_graph.nodes.merge import (
     dedupe_text,
-    merge_count,
+    merge_by_code,
     merge_evidence,
-    merge_list,
     usable_answers,
 )
-from rlm_graph.nodes.plan import MIN_LEAF_TOKENS, piece_budget
+from rlm_graph.nodes.plan import (
+    MIN_LEAF_TOKENS,
+    PLAN_SCHEMA,
+    apply_model_plan,
+    piece_budget,
+    plan_messages,
+    preview_source,
+)
 from rlm_graph.nodes.prompts import (
+    JUDGE_SCHEMA,
     MERGE_SCHEMA,
+    judge_messages,
     leaf_messages,
     merge_messages,
     schema_for,
@@ -98,7 +107,11 @@ class Decision:
     feedback: str | None = None
     max_tokens: int = 0
     reason: str | None = None
+    judge: str | None = None
+    """The judge's verdict on the answer, when a judge checked it."""
 
+
+PLAN_OUTPUT_TOKENS = 200
 
 CallFn = Callable[[Role, list[dict[str, str]], int, dict[str, Any] | None], Awaitable[CallResult]]
 SpawnFn = Callable[[Task], Awaitable[Outcome]]
@@ -142,6 +155,37 @@ class Engine:
     def add_listener(self, listener: Callable[[Event], None]) -> None:
         """Also send progress events to ``listener``."""
         self._listeners.append(listener)
+
+    # -- plan ---------------------------------------------------------------
+
+    def adopt_plan(self, plan: Plan) -> None:
+        """Use ``plan`` from now on (after the root model planned, or on resume)."""
+        self.plan = plan
+        self._filter = re.compile(plan.filter, re.IGNORECASE) if plan.filter else None
+        # The leaf cut and the tree depend on the plan's leaf size and fan-out.
+        for cached in ("leaf_spans", "_leaf_tokens", "_levels"):
+            self.__dict__.pop(cached, None)
+
+    async def plan_with_model(self) -> Plan:
+        """Ask the root model for a plan from a preview; keep the rules where it fails.
+
+        Does nothing with ``planner="rules"``. Costs one root call of about
+        1K prompt tokens.
+        """
+        if self.config.planner != "model" or self.plan.made_by != "rules":
+            return self.plan
+        preview = preview_source(self.source, lambda t: self.client.count_tokens("root", t))
+        messages = plan_messages(self.plan.question, preview, self.plan)
+        result = await self.call("root", messages, PLAN_OUTPUT_TOKENS, PLAN_SCHEMA)
+        if result.completion is None:
+            plan = self.plan.model_copy(update={"made_by": f"rules (planning call failed: {result.message[:120]})"})
+        else:
+            plan = apply_model_plan(self.plan, parse_json_reply(result.completion.text), self.source)
+        logger.info("plan made by %s: kind %s, leaves of %d tokens, filter %r",
+                    plan.made_by, plan.kind, plan.leaf_tokens, plan.filter)
+        self.adopt_plan(plan)
+
+        return plan
 
     # -- split --------------------------------------------------------------
 
@@ -249,6 +293,7 @@ class Engine:
         messages = leaf_messages(
             self.plan.kind, task, self.source.text[task.start : task.end],
             feedback=feedback, file_hint=location.file.name,
+            record_schema=self.plan.record_schema,
         )
         prompt_tokens = self.client.count_tokens("worker", "\n".join(m["content"] for m in messages))
         if prompt_tokens + max_tokens > self.plan.window:
@@ -257,7 +302,9 @@ class Engine:
                 f"request of {prompt_tokens}+{max_tokens} tokens exceeds the "
                 f"{self.plan.window}-token window"
             ))
-        return await self.call("worker", messages, max_tokens, schema_for(self.plan.kind))
+        return await self.call(
+            "worker", messages, max_tokens, schema_for(self.plan.kind, self.plan.record_schema)
+        )
 
     async def call_model(
         self,
@@ -303,7 +350,9 @@ class Engine:
         if result.error or result.completion is None:
             return Decision("fail", verdict="failed", reason=result.message)
 
-        verdict: Verdict = verify_leaf(self.source.text, task, self.plan.kind, result.completion)
+        verdict: Verdict = verify_leaf(
+            self.source.text, task, self.plan.kind, result.completion, self.plan.record_schema
+        )
         if verdict.ok:
             return Decision("accept", answer=verdict.answer, verdict="ok")
         if verdict.code == "truncated":
@@ -320,6 +369,36 @@ class Engine:
             return Decision("accept", answer=Answer(kind=self.plan.kind, found=False), verdict="unsupported")
         return self._split_or_fail(task, verdict.code, f"reply {verdict.code} after {re_asks + 1} tries")
 
+    async def judge(self, task: Task, decision: Decision, *, re_asks: int) -> Decision:
+        """Let the judge model check an accepted answer against its span.
+
+        Runs only when a judge model is configured and the answer found
+        something. A rejected answer is asked again with the judge's reason
+        (while re-asks are left), then split finer, as for any failed check. A
+        judge call that fails or says nothing usable leaves the answer as it is
+        (verdict ``judge-unavailable``).
+        """
+        answer = decision.answer
+        if not self.config.judge_model or decision.action != "accept" or not (answer and answer.found):
+            return decision
+        span = self.source.text[task.start : task.end]
+        messages = judge_messages(task.question, span, json.dumps(answer.value, ensure_ascii=False))
+        result = await self.call("judge", messages, 128, JUDGE_SCHEMA)
+        data = parse_json_reply(result.completion.text) if result.completion else None
+        if not isinstance(data, dict) or not isinstance(data.get("supported"), bool):
+            logger.warning("task %s: the judge gave no verdict; answer kept unjudged", task.id)
+            return replace(decision, judge="judge-unavailable")
+        reason = " ".join(str(data.get("reason") or "").split())[:300]
+        if data["supported"]:
+            return replace(decision, judge=f"supported: {reason}" if reason else "supported")
+        verdict = f"rejected: {reason}" if reason else "rejected"
+        logger.info("task %s: judge rejected the answer (%s)", task.id, reason)
+        if re_asks < self.config.verify_retries:
+            feedback = f"A checker rejected your answer: {reason or 'not supported by the excerpt'}"
+            return Decision("retry", verdict="judge-rejected", feedback=feedback,
+                            max_tokens=self.plan.output_tokens, judge=verdict)
+        return replace(self._split_or_fail(task, "judge-rejected", verdict), judge=verdict)
+
     def _split_or_fail(self, task: Task, verdict: str, reason: str) -> Decision:
         if self.can_split_finer(task):
             return Decision("split", verdict=verdict, reason=reason)
@@ -330,10 +409,8 @@ class Engine:
     async def merge(self, task: Task, children: list[Outcome]) -> Outcome:
         """Combine children's outcomes into the parent's outcome."""
         answers = usable_answers(children)
-        if self.plan.kind == "list":
-            answer = merge_list(answers)
-        elif self.plan.kind == "count":
-            answer = merge_count(answers)
+        if self.plan.kind != "text":
+            answer = merge_by_code(self.plan.kind, answers)
         elif len(answers := dedupe_text(answers)) <= 1:
             answer = answers[0] if answers else Answer(kind="text", found=False)
         else:
@@ -419,6 +496,7 @@ class Engine:
             result = await self.leaf_attempt(task, feedback=feedback, max_tokens=max_tokens)
             attempts += 1
             decision = self.decide(task, result, max_tokens=max_tokens, re_asks=re_asks)
+            decision = await self.judge(task, decision, re_asks=re_asks)
             if decision.action == "retry":
                 re_asks += 1 if decision.feedback else 0
                 feedback, max_tokens = decision.feedback, decision.max_tokens
@@ -428,7 +506,10 @@ class Engine:
     async def conclude(self, task: Task, decision: Decision, attempts: int) -> Outcome:
         """Turn a final decision about a leaf into its outcome."""
         if decision.action == "accept":
-            return Outcome(task=task, answer=decision.answer, verdict=decision.verdict, attempts=attempts)
+            return Outcome(
+                task=task, answer=decision.answer, verdict=decision.verdict,
+                attempts=attempts, judge=decision.judge,
+            )
         if decision.action == "stop":
             return Outcome(
                 task=task, status="stopped", verdict="stopped",
@@ -439,11 +520,14 @@ class Engine:
             children = self.split(task, finer=True)
             if children:
                 outcome = await self.solve_children(task, children)
-                return outcome.model_copy(update={"verdict": f"split-after-{decision.verdict}", "attempts": attempts})
+                return outcome.model_copy(update={
+                    "verdict": f"split-after-{decision.verdict}", "attempts": attempts,
+                    "judge": decision.judge,
+                })
         logger.warning("task %s failed: %s", task.id, decision.reason)
         return Outcome(
             task=task, status="failed", verdict=decision.verdict,
-            reason=decision.reason, attempts=attempts,
+            reason=decision.reason, attempts=attempts, judge=decision.judge,
         )
 
 

@@ -1,6 +1,7 @@
 """Merge: combine the children's answers into their parent's answer.
 
-Counts and lists are merged by code, exactly. Neighbouring spans overlap, so
+Every kind but free text is merged by code, exactly: counts and table rows are
+summed, lists and records are united, yes/no answers are combined by rule. Neighbouring spans overlap, so
 the same occurrence can be reported twice; occurrences are matched by where
 their evidence sits in the source, and an item or a counted occurrence seen by
 two children is kept once. Free text needs language and is merged by the root
@@ -10,11 +11,22 @@ model, in groups of at most ``fan_in`` answers at a time (see
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterable
 
-from rlm_graph.nodes.types import Answer, Evidence, Item, Outcome
+from rlm_graph.nodes.types import Answer, Evidence, Item, Outcome, Record, Row
 
-__all__ = ["dedupe_text", "merge_count", "merge_list", "usable_answers"]
+__all__ = [
+    "dedupe_text",
+    "merge_by_code",
+    "merge_count",
+    "merge_list",
+    "merge_records",
+    "merge_table",
+    "merge_yesno",
+    "usable_answers",
+]
 
 
 def usable_answers(children: list[Outcome] | tuple[Outcome, ...]) -> list[Answer]:
@@ -49,17 +61,79 @@ def merge_count(answers: list[Answer]) -> Answer:
     An occurrence is the same when its evidence sits at the same place in the
     source (the same offsets); a set makes this linear in the evidence.
     """
-    total = 0
-    kept: dict[tuple[int, int], Evidence] = {}
-    for answer in answers:
-        spans = {(e.start, e.end) for e in answer.evidence}
-        duplicates = sum(1 for span in spans if span in kept)
-        total += max((answer.count or 0) - duplicates, 0)
-        for evidence in answer.evidence:
-            kept.setdefault((evidence.start, evidence.end), evidence)
+    total, evidence = _sum_distinct((a.count or 0, a.evidence) for a in answers)
+    return Answer(kind="count", found=total > 0, count=total, evidence=evidence)
 
-    ordered = tuple(sorted(kept.values(), key=lambda e: e.start))
-    return Answer(kind="count", found=total > 0, count=total, evidence=ordered)
+
+def merge_table(answers: list[Answer]) -> Answer:
+    """Per-label sums of table answers, each label de-duplicated like a count.
+
+    Labels match ignoring case and whitespace; the first spelling seen is kept.
+    """
+    by_label: dict[str, list[Row]] = {}
+    for answer in answers:
+        for row in answer.rows:
+            by_label.setdefault(_normal(row.label), []).append(row)
+    rows = []
+    for group in by_label.values():
+        total, evidence = _sum_distinct((r.count, r.evidence) for r in group)
+        rows.append(Row(label=group[0].label, count=total, evidence=evidence))
+    rows.sort(key=lambda r: (-r.count, r.label))
+
+    evidence = tuple(sorted((e for r in rows for e in r.evidence), key=lambda e: e.start))
+    return Answer(kind="table", found=any(r.count for r in rows), rows=tuple(rows), evidence=evidence)
+
+
+def merge_yesno(answers: list[Answer]) -> Answer:
+    """One yes/no from several: any part's evidenced "yes" wins, else a "no".
+
+    Sub-questions ask whether a part of the source shows something, so one
+    part that shows it answers yes for the whole; "no" needs no part saying yes.
+    LIMITATION: a question whose answer needs the whole source at once ("is X
+    mentioned more than Y?") should be planned as a table, not a yes/no.
+    """
+    stated = [a for a in answers if a.found and a.flag is not None]
+    if not stated:
+        return Answer(kind="yesno", found=False)
+    flag = any(a.flag for a in stated)
+    evidence = merge_evidence([a for a in stated if a.flag == flag])
+    return Answer(kind="yesno", found=True, flag=flag, evidence=evidence)
+
+
+def merge_records(answers: list[Answer]) -> Answer:
+    """Union of schema records, de-duplicated by evidence span and by content."""
+    records: list[Record] = []
+    contents: set[str] = set()
+    spans: set[tuple[int, int]] = set()
+    for answer in answers:
+        for record in answer.records:
+            content = json.dumps(record.data, sort_keys=True, default=str).casefold()
+            where = (record.evidence.start, record.evidence.end) if record.evidence else None
+            if content in contents or (where is not None and where in spans):
+                continue
+            contents.add(content)
+            if where is not None:
+                spans.add(where)
+            records.append(record)
+
+    evidence = tuple(r.evidence for r in records if r.evidence)
+    return Answer(kind="schema", found=bool(records), records=tuple(records), evidence=evidence)
+
+
+def merge_by_code(kind: str, answers: list[Answer]) -> Answer:
+    """Merge answers of any kind but free text.
+
+    Raises:
+        ValueError: ``kind`` is ``text`` (it needs a model).
+    """
+    merges = {
+        "list": merge_list, "count": merge_count, "table": merge_table,
+        "yesno": merge_yesno, "schema": merge_records,
+    }
+    if kind not in merges:
+        msg = f"{kind!r} answers are merged by the root model, not by code"
+        raise ValueError(msg)
+    return merges[kind](answers)
 
 
 def dedupe_text(answers: list[Answer]) -> list[Answer]:
@@ -85,6 +159,22 @@ def merge_evidence(answers: list[Answer]) -> tuple[Evidence, ...]:
         for evidence in answer.evidence:
             seen.setdefault((evidence.start, evidence.end), evidence)
     return tuple(sorted(seen.values(), key=lambda e: e.start))
+
+
+def _sum_distinct(
+    parts: Iterable[tuple[int, tuple[Evidence, ...]]],
+) -> tuple[int, tuple[Evidence, ...]]:
+    """Add counts, minus each occurrence already counted by an earlier part
+    (same evidence offsets); return the total and the distinct evidence."""
+    total = 0
+    kept: dict[tuple[int, int], Evidence] = {}
+    for count, evidence in parts:
+        spans = {(e.start, e.end) for e in evidence}
+        duplicates = sum(1 for span in spans if span in kept)
+        total += max(count - duplicates, 0)
+        for item in evidence:
+            kept.setdefault((item.start, item.end), item)
+    return total, tuple(sorted(kept.values(), key=lambda e: e.start))
 
 
 def _overlaps(a: Evidence, b: Evidence) -> bool:

@@ -1,12 +1,22 @@
-"""Plan: the first look at question and source, before any model call.
+"""Plan: the first look at question and source.
 
-The plan fixes the answer kind, the sub-question each piece is asked, and the
-span budget of a leaf call: what is left of the worker's window after the
-instructions, the question and the output reserve, with a safety margin. A
-window too small for the instructions is refused here, before anything is paid.
+The plan fixes the answer kind, the sub-question each piece is asked, the span
+budget of a leaf call, and an optional pre-filter. It is made in two steps:
 
-LIMITATION: the plan is made by rules (question wording, window arithmetic),
-not by the root model; a model-made plan with pre-filters is planned work.
+1. :func:`make_plan`, by rules and before any model call: the kind from the
+   question's wording and the span budget from window arithmetic (what is left
+   of the worker's window after the instructions, the question and the output
+   reserve, with a safety margin). A window too small for the instructions is
+   refused here, before anything is paid.
+2. :func:`model_plan`, by the root model: it sees the question and a cheap
+   preview of the source (:func:`preview_source`: size, files, structure and a
+   few samples) and returns kind, sub-question, chunk size and filter as JSON.
+   Each field is checked (:func:`apply_model_plan`); a field that fails its
+   check keeps the rules' value, and the plan records why. A filter that
+   matches nowhere is dropped (it would skip everything).
+
+Flags win over both: a field the user set is never changed by the model.
+:func:`render_plan` shows a plan to people (``--dry-run``, ``-v``).
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from typing import Any
 
 from rlm_graph.config import RunConfig
 from rlm_graph.errors import ConfigError
@@ -22,7 +33,16 @@ from rlm_graph.nodes.types import Kind, Plan, Task
 from rlm_graph.source import Source
 from rlm_graph.tokens import TokenCounter
 
-__all__ = ["guess_kind", "make_plan", "root_task"]
+__all__ = [
+    "PLAN_SCHEMA",
+    "apply_model_plan",
+    "guess_kind",
+    "make_plan",
+    "plan_messages",
+    "preview_source",
+    "render_plan",
+    "root_task",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +56,32 @@ reads prompts of up to ~3K tokens at full speed and much slower beyond
 (STACK-FINDINGS.md section 7; docs/design.md), so many 1.5K-token leaves beat a
 few window-sized ones."""
 
+PREVIEW_SAMPLES = 3
+PREVIEW_SAMPLE_CHARS = 400
+PREVIEW_FILES = 20
+"""The preview stays under ~1K tokens: the embedded model reads about 80 prompt
+tokens a second, so a plan costs it 10-15 s."""
+PLANNABLE_KINDS: tuple[Kind, ...] = ("text", "list", "count", "table", "yesno")
+
+PLAN_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "kind": {"type": "string", "enum": list(PLANNABLE_KINDS)},
+        "sub_question": {"type": "string", "maxLength": 300},
+        "chunk_tokens": {"type": "integer", "minimum": 0},
+        "filter": {"type": "string", "maxLength": 200},
+    },
+    "required": ["kind", "sub_question", "chunk_tokens", "filter"],
+}
+
+_TABLE = re.compile(
+    r"\b(per|for each|by each|broken down by|for every)\b|"
+    r"\bwhich\b.*\b(more|most|less|least|fewer|fewest)\b.*\b(common|often|frequent)",
+    re.I,
+)
+_YESNO = re.compile(
+    r"^\s*(is|are|was|were|does|do|did|has|have|had|can|could|will|would|should)\b", re.I
+)
 _COUNT = re.compile(r"^\s*(how many|how often|count|what is the number of|number of)\b", re.I)
 _LIST = re.compile(
     r"^\s*(list|enumerate|name (all|every|each)|which (\w+ )*(are|were)|"
@@ -46,8 +92,12 @@ _LIST = re.compile(
 
 def guess_kind(question: str) -> Kind:
     """Guess the answer kind from the question's wording."""
+    if _TABLE.search(question) and (_COUNT.search(question) or "which" in question.lower()):
+        return "table"
     if _COUNT.search(question):
         return "count"
+    if _YESNO.search(question):
+        return "yesno"
     if _LIST.search(question):
         return "list"
     return "text"
@@ -70,9 +120,16 @@ def make_plan(
     if not question.strip():
         msg = "The question is empty. Pass --question 'What ...?'."
         raise ConfigError(msg)
-    kind = guess_kind(question) if config.kind == "auto" else config.kind
+    record_schema = config.answer_schema
+    if record_schema is not None:
+        kind: Kind = "schema"
+    else:
+        kind = guess_kind(question) if config.kind == "auto" else config.kind
+    if kind == "schema" and record_schema is None:
+        msg = "--kind schema needs a schema: pass --schema FILE (a JSON Schema of one record)."
+        raise ConfigError(msg)
 
-    overhead = _prompt_overhead(question, kind, count)
+    overhead = _prompt_overhead(question, kind, count, record_schema)
     usable = int(window * WINDOW_SAFETY) - overhead - config.max_output_tokens
     if usable < MIN_LEAF_TOKENS:
         msg = (
@@ -87,11 +144,21 @@ def make_plan(
     leaf_tokens = min(config.chunk_tokens or default, usable)
     overlap = min(config.overlap_tokens, leaf_tokens // 4)
 
+    overridden = tuple(
+        name for name, value in (
+            ("kind", config.kind != "auto" or record_schema is not None),
+            ("sub_question", config.sub_question),
+            ("chunk_tokens", config.chunk_tokens),
+            ("filter", config.filter),
+        ) if value
+    )
     return Plan(
         filter=_usable_filter(config.filter, source),
         kind=kind,
         question=question,
-        sub_question=question,
+        sub_question=config.sub_question or question,
+        record_schema=record_schema,
+        overridden=overridden,
         leaf_tokens=leaf_tokens,
         overlap_tokens=overlap,
         output_tokens=config.max_output_tokens,
@@ -102,6 +169,100 @@ def make_plan(
         max_depth=config.max_depth,
         source_tokens=count(source.text),
     )
+
+
+def preview_source(source: Source, count: TokenCounter) -> str:
+    """A cheap look at a source for the planner: size, files, structure, samples.
+
+    Costs one token count of the whole text (done by :func:`make_plan` anyway
+    when cached by the caller) and a few slices; never more than ~1K tokens.
+    """
+    text = source.text
+    lines = text.count("\n") + 1
+    names = [f.name for f in source.files[:PREVIEW_FILES]]
+    more = f" (and {len(source.files) - PREVIEW_FILES} more)" if len(source.files) > PREVIEW_FILES else ""
+    paragraphs = len(re.findall(r"\n\s*\n", text)) + 1
+    parts = [
+        f"Size: {len(text):,} characters in {len(source.files)} file(s), "
+        f"{lines:,} lines, {paragraphs:,} paragraphs.",
+        f"Files: {', '.join(names)}{more}",
+    ]
+    step = max(len(text) // PREVIEW_SAMPLES, 1)
+    for index in range(PREVIEW_SAMPLES):
+        start = min(index * step, max(len(text) - PREVIEW_SAMPLE_CHARS, 0))
+        sample = " ".join(text[start : start + PREVIEW_SAMPLE_CHARS].split())
+        parts.append(f"Sample {index + 1} (at {100 * start // max(len(text), 1)}%): {sample}")
+    return "\n".join(parts)
+
+
+def plan_messages(question: str, preview: str, rules: Plan) -> list[dict[str, str]]:
+    """The planner's prompt: the question, the preview and what to decide."""
+    user = (
+        f"A question will be answered over a long source, read in pieces.\n\n"
+        f"Question: {question}\n\nPreview of the source:\n{preview}\n\n"
+        "Decide:\n"
+        '- kind: "text" (a short answer), "list" (items), "count" (a number), '
+        '"table" (counts per label) or "yesno".\n'
+        "- sub_question: what to ask each piece (usually the question itself).\n"
+        f"- chunk_tokens: tokens per piece, up to {rules.leaf_tokens} (0 = default).\n"
+        "- filter: a short regular expression that every piece which can matter "
+        'contains, or "" to read every piece.\n'
+        'Reply as {"kind": ..., "sub_question": ..., "chunk_tokens": ..., "filter": ...}.'
+    )
+    return [
+        {"role": "system", "content": "You plan how to read a long text. Reply with JSON only."},
+        {"role": "user", "content": user},
+    ]
+
+
+def apply_model_plan(rules: Plan, reply: Any, source: Source) -> Plan:
+    """Take the checked fields of a model's plan over the rules' plan.
+
+    A field the user set (``rules.overridden``) is kept. A field that fails its
+    check keeps the rules' value; ``made_by`` says which were rejected and why.
+    A reply that is not a JSON object leaves the rules' plan, marked as such.
+    """
+    if not isinstance(reply, dict):
+        return rules.model_copy(update={"made_by": "rules (model plan was not JSON)"})
+    update: dict[str, Any] = {}
+    rejected: list[str] = []
+    for name, check in _FIELD_CHECKS.items():
+        if name in rules.overridden or name not in reply:
+            continue
+        value, problem = check(rules, reply[name], source)
+        if problem:
+            rejected.append(f"{name}: {problem}")
+        elif value is not None:
+            update[name] = value
+    if "chunk_tokens" in update:
+        tokens = update.pop("chunk_tokens")
+        update["leaf_tokens"] = tokens
+        update["overlap_tokens"] = min(rules.overlap_tokens, tokens // 4)
+    update["made_by"] = "model" + (f" (rules kept for {'; '.join(rejected)})" if rejected else "")
+    if not any(k != "made_by" for k in update):
+        update["made_by"] = "rules (model plan rejected: " + "; ".join(rejected or ["empty"]) + ")"
+
+    return rules.model_copy(update=update)
+
+
+def render_plan(plan: Plan) -> str:
+    """The plan as a few lines for people (``--dry-run``, logs)."""
+    set_by = f" (set by flags: {', '.join(plan.overridden)})" if plan.overridden else ""
+    leaves = max(1, math.ceil(plan.source_tokens / max(plan.leaf_tokens, 1)))
+    lines = [
+        f"plan made by {plan.made_by}{set_by}",
+        f"  answer kind:   {plan.kind}",
+        f"  sub-question:  {plan.sub_question}",
+        f"  leaf spans:    up to {plan.leaf_tokens:,} tokens, overlap {plan.overlap_tokens}; "
+        f"source {plan.source_tokens:,} tokens (about {leaves:,} leaves before filtering)",
+        f"  pre-filter:    {plan.filter or 'none (every span is read)'}",
+        f"  limits:        depth {plan.max_depth}, fan-out {plan.fan_out}, fan-in {plan.fan_in}, "
+        f"output {plan.output_tokens} tokens, window {plan.window:,}",
+    ]
+    if plan.record_schema:
+        fields = ", ".join(plan.record_schema.get("properties", {}))
+        lines.append(f"  record fields: {fields}")
+    return "\n".join(lines)
 
 
 def root_task(plan: Plan, source: Source) -> Task:
@@ -135,10 +296,66 @@ def _usable_filter(pattern: str | None, source: Source) -> str | None:
     return pattern
 
 
-def _prompt_overhead(question: str, kind: Kind, count: TokenCounter) -> int:
+def _check_kind(rules: Plan, value: Any, source: Source) -> tuple[Any, str | None]:
+    if value not in PLANNABLE_KINDS:
+        return None, f"unknown kind {value!r}"
+    cue = guess_kind(rules.question)
+    # The wording rules only speak up on a clear cue ("how many", "is ..."); a
+    # model that disagrees with one is more likely wrong than the cue.
+    if cue != "text" and value != cue:
+        return None, f"{value!r} contradicts the question's wording ({cue!r})"
+    return value, None
+
+
+def _check_sub_question(rules: Plan, value: Any, source: Source) -> tuple[Any, str | None]:
+    text = " ".join(str(value or "").split())
+    if not text:
+        return None, None
+    asked = set(re.findall(r"\w{4,}", rules.question.casefold()))
+    kept = asked & set(re.findall(r"\w{4,}", text.casefold()))
+    if asked and len(kept) * 2 < len(asked):
+        return None, "drops most of the question's words"
+    return text, None
+
+
+def _check_chunk_tokens(rules: Plan, value: Any, source: Source) -> tuple[Any, str | None]:
+    if not isinstance(value, int) or isinstance(value, bool) or value == 0:
+        return None, None
+    if not MIN_LEAF_TOKENS <= value <= rules.leaf_tokens:
+        return None, f"{value} is outside {MIN_LEAF_TOKENS}-{rules.leaf_tokens}"
+    return value, None
+
+
+def _check_filter(rules: Plan, value: Any, source: Source) -> tuple[Any, str | None]:
+    pattern = str(value or "").strip()
+    if not pattern:
+        return None, None
+    try:
+        compiled = re.compile(pattern, re.IGNORECASE)
+    except re.error:
+        return None, f"{pattern!r} is not a regular expression"
+    if compiled.search(source.text) is None:
+        # Safety rule: a filter that would skip every span means no filter.
+        return None, f"{pattern!r} matches nowhere (reading everything)"
+    return pattern, None
+
+
+_FIELD_CHECKS = {
+    "kind": _check_kind,
+    "sub_question": _check_sub_question,
+    "chunk_tokens": _check_chunk_tokens,
+    "filter": _check_filter,
+}
+
+
+def _prompt_overhead(
+    question: str, kind: Kind, count: TokenCounter, record_schema: dict[str, Any] | None = None
+) -> int:
     probe = Task(id="0", start=0, end=0, depth=0, question=question, tokens=0)
-    messages = leaf_messages(kind, probe, "", feedback=None, file_hint="example.txt")
+    messages = leaf_messages(
+        kind, probe, "", feedback=None, file_hint="example.txt", record_schema=record_schema
+    )
     text = "\n".join(m["content"] for m in messages)
-    schema_tokens = count(str(schema_for(kind)))
+    schema_tokens = count(str(schema_for(kind, record_schema)))
     # Chat templates add a few tokens per message.
     return count(text) + schema_tokens + 8 * len(messages)

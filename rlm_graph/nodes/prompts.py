@@ -11,7 +11,14 @@ from typing import Any
 
 from rlm_graph.nodes.types import Kind, Task
 
-__all__ = ["MERGE_SCHEMA", "leaf_messages", "merge_messages", "schema_for"]
+__all__ = [
+    "JUDGE_SCHEMA",
+    "MERGE_SCHEMA",
+    "judge_messages",
+    "leaf_messages",
+    "merge_messages",
+    "schema_for",
+]
 
 QUOTE_MAX_CHARS = 300
 ANSWER_MAX_CHARS = 300
@@ -34,6 +41,22 @@ _INSTRUCTIONS: dict[Kind, str] = {
         'Reply as {"count": <number found in this excerpt>, "quotes": ["<words '
         'copied exactly from the excerpt for each one>"]}. Count only what is in '
         "this excerpt; 0 if none."
+    ),
+    "table": (
+        'Reply as {"rows": [{"label": "<label>", "count": <number in this '
+        'excerpt>, "quotes": ["<words copied exactly from the excerpt for each '
+        'one>"]}]}, one row per label found. Count only what is in this excerpt; '
+        "an empty list if none."
+    ),
+    "yesno": (
+        'Reply as {"answer": "yes" or "no" or "not stated", "quote": "<the '
+        'sentence copied exactly from the excerpt that shows it>"}. Answer "not '
+        'stated" if the excerpt does not say.'
+    ),
+    "schema": (
+        'Reply as {"records": [...]}: one record for each thing the question asks '
+        "for that this excerpt contains, with every field filled from the excerpt "
+        'and "quote": words copied exactly from the excerpt. An empty list if none.'
     ),
 }
 
@@ -74,6 +97,34 @@ _SCHEMAS: dict[Kind, dict[str, Any]] = {
     },
 }
 
+_SCHEMAS["table"] = {
+    "type": "object",
+    "properties": {
+        "rows": {
+            "type": "array",
+            "maxItems": LIST_MAX_ITEMS,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "label": {"type": "string", "maxLength": 100},
+                    "count": {"type": "integer", "minimum": 0},
+                    "quotes": {"type": "array", "maxItems": LIST_MAX_ITEMS, "items": _QUOTE},
+                },
+                "required": ["label", "count", "quotes"],
+            },
+        }
+    },
+    "required": ["rows"],
+}
+_SCHEMAS["yesno"] = {
+    "type": "object",
+    "properties": {
+        "answer": {"type": "string", "enum": ["yes", "no", "not stated"]},
+        "quote": _QUOTE,
+    },
+    "required": ["answer", "quote"],
+}
+
 MERGE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {"answer": {"type": "string", "maxLength": 2 * ANSWER_MAX_CHARS}},
@@ -81,19 +132,49 @@ MERGE_SCHEMA: dict[str, Any] = {
 }
 
 
-def schema_for(kind: Kind) -> dict[str, Any]:
-    """The JSON schema a leaf reply of this kind must follow."""
-    return _SCHEMAS[kind]
+def schema_for(kind: Kind, record_schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON schema a leaf reply of this kind must follow.
+
+    Args:
+        kind: the answer kind.
+        record_schema: for the ``schema`` kind, the user's schema of one record;
+            each record gets a ``quote`` field added for its evidence.
+    """
+    if kind != "schema":
+        return _SCHEMAS[kind]
+    record = dict(record_schema or {"type": "object"})
+    definitions = record.pop("$defs", None)
+    record.pop("title", None)
+    record["properties"] = {**record.get("properties", {}), "quote": _QUOTE}
+    record["required"] = [*record.get("required", []), "quote"]
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": {"records": {"type": "array", "maxItems": LIST_MAX_ITEMS, "items": record}},
+        "required": ["records"],
+    }
+    if definitions:
+        # pydantic puts nested models under $defs; "#/$defs/..." refs resolve at the root.
+        schema["$defs"] = definitions
+    return schema
 
 
 def leaf_messages(
-    kind: Kind, task: Task, span_text: str, *, feedback: str | None, file_hint: str
+    kind: Kind,
+    task: Task,
+    span_text: str,
+    *,
+    feedback: str | None,
+    file_hint: str,
+    record_schema: dict[str, Any] | None = None,
 ) -> list[dict[str, str]]:
     """Messages of a leaf call: the question, the excerpt, and how to reply."""
     user = (
         f"Text (part of {file_hint}):\n<<<\n{span_text}\n>>>\n\n"
         f"Question: {task.question}\n{_INSTRUCTIONS[kind]}"
     )
+    if kind == "schema" and record_schema:
+        fields = ", ".join(record_schema.get("properties", {}))
+        user += f" Fields of a record: {fields}, quote."
     if feedback:
         user += f"\n\nYour previous reply was rejected: {feedback}"
     return [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": user}]
@@ -112,5 +193,30 @@ def merge_messages(question: str, partials: list[str]) -> list[dict[str, str]]:
     )
     return [
         {"role": "system", "content": "You combine partial answers. Reply with JSON only."},
+        {"role": "user", "content": user},
+    ]
+
+
+JUDGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "supported": {"type": "boolean"},
+        "reason": {"type": "string", "maxLength": 300},
+    },
+    "required": ["supported", "reason"],
+}
+
+
+def judge_messages(question: str, span_text: str, answer: str) -> list[dict[str, str]]:
+    """Messages of a judge call: is this answer supported by this excerpt?"""
+    user = (
+        f"Text:\n<<<\n{span_text}\n>>>\n\nQuestion: {question}\n"
+        f"Proposed answer, from this text only: {answer}\n\n"
+        "Is the proposed answer correct and supported by the text? If not, say "
+        'what is wrong in one sentence. Reply as {"supported": true or false, '
+        '"reason": "<why>"}.'
+    )
+    return [
+        {"role": "system", "content": "You check answers against a text. Reply with JSON only."},
         {"role": "user", "content": user},
     ]

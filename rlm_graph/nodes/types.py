@@ -7,13 +7,15 @@ ever stored as a result and every stored value can be reloaded.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["Answer", "Evidence", "Item", "Kind", "Outcome", "Plan", "Task"]
+__all__ = ["Answer", "Evidence", "Item", "Kind", "Outcome", "Plan", "Record", "Row", "Task"]
 
-Kind = Literal["text", "list", "count"]
+Kind = Literal["text", "list", "count", "table", "yesno", "schema"]
+"""Answer kinds: free text, a list of items, a count, a table of labelled counts,
+yes/no with evidence, or records following a user's JSON schema."""
 
 
 class _Record(BaseModel):
@@ -63,6 +65,13 @@ class Plan(_Record):
     source_tokens: int = Field(ge=0)
     filter: str | None = None
     """Case-insensitive regex; spans without a match are skipped unread."""
+    record_schema: dict[str, Any] | None = None
+    """JSON schema of one record, for the ``schema`` kind."""
+    made_by: str = "rules"
+    """Who made the plan: ``rules``, ``model`` (the root model) or
+    ``rules (model plan rejected: ...)``; flags override either."""
+    overridden: tuple[str, ...] = ()
+    """Plan fields the user's flags set."""
 
 
 class Evidence(_Record):
@@ -80,6 +89,21 @@ class Item(_Record):
     evidence: Evidence | None = None
 
 
+class Row(_Record):
+    """One labelled count of a table answer, with the occurrences behind it."""
+
+    label: str
+    count: int = Field(ge=0)
+    evidence: tuple[Evidence, ...] = ()
+
+
+class Record(_Record):
+    """One record of a schema answer: data valid under the user's schema."""
+
+    data: dict[str, Any]
+    evidence: Evidence | None = None
+
+
 class Answer(_Record):
     """A typed answer of one task."""
 
@@ -88,15 +112,28 @@ class Answer(_Record):
     text: str | None = None
     items: tuple[Item, ...] = ()
     count: int | None = Field(default=None, ge=0)
+    rows: tuple[Row, ...] = ()
+    """Table answers: one row per label."""
+    flag: bool | None = None
+    """Yes/no answers: True for yes, False for no, None when not stated."""
+    records: tuple[Record, ...] = ()
+    """Schema answers."""
     evidence: tuple[Evidence, ...] = ()
 
     @property
-    def value(self) -> str | list[str] | int | None:
-        """The answer as the user sees it."""
+    def value(self) -> Any:
+        """The answer as the user sees it: text, list, int, ``{label: count}``,
+        bool, or a list of records (dicts)."""
         if self.kind == "count":
             return self.count if self.count is not None else 0
         if self.kind == "list":
             return [item.text for item in self.items]
+        if self.kind == "table":
+            return {row.label: row.count for row in self.rows}
+        if self.kind == "yesno":
+            return self.flag
+        if self.kind == "schema":
+            return [record.data for record in self.records]
         return self.text if self.found else None
 
 
@@ -110,4 +147,6 @@ class Outcome(_Record):
     verdict: str = "ok"
     reason: str | None = None
     attempts: int = 0
+    judge: str | None = None
+    """The judge model's verdict on this leaf's answer (None: not judged)."""
     children: tuple[Outcome, ...] = ()

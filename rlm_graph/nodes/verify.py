@@ -18,7 +18,7 @@ from typing import Any
 import regex
 
 from rlm_graph.models import Completion
-from rlm_graph.nodes.types import Answer, Evidence, Item, Kind, Task
+from rlm_graph.nodes.types import Answer, Evidence, Item, Kind, Record, Row, Task
 from rlm_graph.source import FILE_HEADER_MARK
 
 __all__ = ["Verdict", "locate_quote", "verify_leaf"]
@@ -57,7 +57,13 @@ class Verdict:
     """Why the reply was rejected, worded for the model."""
 
 
-def verify_leaf(text: str, task: Task, kind: Kind, completion: Completion) -> Verdict:
+def verify_leaf(
+    text: str,
+    task: Task,
+    kind: Kind,
+    completion: Completion,
+    record_schema: dict[str, Any] | None = None,
+) -> Verdict:
     """Check a leaf's reply against its span and turn it into a typed answer.
 
     Args:
@@ -65,6 +71,7 @@ def verify_leaf(text: str, task: Task, kind: Kind, completion: Completion) -> Ve
         task: the leaf task.
         kind: the answer kind the plan asked for.
         completion: the model's reply.
+        record_schema: the user's schema of one record (``schema`` kind only).
     """
     if completion.finish_reason == "length":
         return Verdict(False, "truncated", feedback="Your reply was cut off. Answer briefly.")
@@ -76,7 +83,11 @@ def verify_leaf(text: str, task: Task, kind: Kind, completion: Completion) -> Ve
     data = parse_json_reply(completion.text)
     if data is None:
         return Verdict(False, "malformed", feedback="Reply with one JSON object only.")
+    if not isinstance(data, dict):
+        return Verdict(False, "malformed", feedback="Reply with one JSON object only.")
     try:
+        if kind == "schema":
+            return _check_schema(text, task, data, record_schema or {"type": "object"})
         return _CHECKS[kind](text, task, data)
     except (TypeError, ValueError, KeyError, AttributeError):
         return Verdict(False, "malformed", feedback="Your JSON did not follow the schema.")
@@ -257,4 +268,92 @@ def _check_count(text: str, task: Task, data: dict[str, Any]) -> Verdict:
     return Verdict(True, "ok", Answer(kind="count", found=count > 0, count=count, evidence=evidence))
 
 
-_CHECKS = {"text": _check_text, "list": _check_list, "count": _check_count}
+def _check_table(text: str, task: Task, data: dict[str, Any]) -> Verdict:
+    rows: dict[str, Row] = {}
+    for entry in data.get("rows") or []:
+        label = " ".join(str(entry.get("label") or "").split())
+        count = int(entry.get("count") or 0)
+        if count < 0:
+            return Verdict(False, "malformed", feedback=f"The count of {label!r} is negative.")
+        if not label or count == 0:
+            continue
+        quotes = [str(q) for q in entry.get("quotes") or []]
+        located = tuple(e for q in quotes if (e := locate_quote(text, task.start, task.end, q)))
+        if quotes and not located:
+            return Verdict(
+                False, "no-evidence",
+                feedback=f"Quote each counted {label!r} exactly as written in the excerpt.",
+            )
+        key = label.casefold()
+        if key in rows:  # the same label twice in one reply: add them up
+            old = rows[key]
+            rows[key] = Row(label=old.label, count=old.count + count, evidence=old.evidence + located)
+        else:
+            rows[key] = Row(label=label, count=count, evidence=located)
+
+    table = tuple(rows.values())
+    evidence = tuple(e for row in table for e in row.evidence)
+    return Verdict(True, "ok", Answer(kind="table", found=bool(table), rows=table, evidence=evidence))
+
+
+_YES = frozenset({"yes", "true", "y"})
+_NO = frozenset({"no", "false", "n"})
+
+
+def _check_yesno(text: str, task: Task, data: dict[str, Any]) -> Verdict:
+    said = str(data.get("answer") or "").strip().casefold().strip(".!")
+    if said not in _YES | _NO:
+        if not said or _NOT_STATED.match(said):
+            return Verdict(True, "ok", Answer(kind="yesno", found=False))
+        return Verdict(False, "malformed", feedback='Answer "yes", "no" or "not stated".')
+    evidence = locate_quote(text, task.start, task.end, str(data.get("quote") or ""))
+    if evidence is None:
+        return Verdict(
+            False, "no-evidence",
+            feedback=(
+                "Your quote does not occur in the excerpt. Copy the sentence that "
+                'shows the answer exactly, or answer "not stated".'
+            ),
+        )
+    flag = said in _YES
+    return Verdict(True, "ok", Answer(kind="yesno", found=True, flag=flag, evidence=(evidence,)))
+
+
+def _check_schema(text: str, task: Task, data: dict[str, Any], record_schema: dict[str, Any]) -> Verdict:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(record_schema)
+    records: list[Record] = []
+    missing = 0
+    for index, entry in enumerate(data.get("records") or []):
+        if not isinstance(entry, dict):
+            return Verdict(False, "malformed", feedback=f"records[{index}] is not an object.")
+        fields = {k: v for k, v in entry.items() if k != "quote"}
+        error = jsonschema.exceptions.best_match(validator.iter_errors(fields))
+        if error is not None:
+            where = ".".join(str(p) for p in error.absolute_path) or "(record)"
+            return Verdict(
+                False, "malformed",
+                feedback=f"records[{index}].{where}: {error.message}. Follow the schema.",
+            )
+        evidence = locate_quote(text, task.start, task.end, str(entry.get("quote") or ""))
+        if evidence is None:
+            missing += 1
+            continue
+        records.append(Record(data=fields, evidence=evidence))
+
+    if missing and not records:
+        return Verdict(
+            False, "no-evidence", feedback="Each record needs a quote copied exactly from the excerpt."
+        )
+    evidence = tuple(r.evidence for r in records if r.evidence)
+    return Verdict(True, "ok", Answer(kind="schema", found=bool(records), records=tuple(records), evidence=evidence))
+
+
+_CHECKS = {
+    "text": _check_text,
+    "list": _check_list,
+    "count": _check_count,
+    "table": _check_table,
+    "yesno": _check_yesno,
+}

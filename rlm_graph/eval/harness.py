@@ -1,0 +1,220 @@
+"""Run methods over generated instances, score them, print a table, draw a chart.
+
+Scoring is exact: a needle answer must contain the planted code; a count must
+equal the planted count; a comparison must name the more common label; a list
+scores the Jaccard overlap of its set with the true set (1.0 only when equal).
+A method that fails scores 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from rlm_graph.config import RunConfig
+from rlm_graph.errors import ConfigError
+from rlm_graph.eval.generators import Instance
+from rlm_graph.eval.methods import METHODS, MethodName, MethodRun, run_method
+
+__all__ = ["Row", "draw_chart", "format_table", "run_eval", "score"]
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_PRICES_USD_PER_M = (0.15, 0.60)
+"""Input and output prices per million tokens used for the ``cost`` column when
+the model has no price (local models, doubles): gpt-4o-mini's list price, so
+the methods' costs compare on a realistic scale."""
+
+
+class Row(BaseModel):
+    """One method on one instance, scored."""
+
+    instance: str
+    family: str
+    tokens: int
+    """Target size of the source, in tokens."""
+    method: str
+    score: float
+    expected: Any
+    run: MethodRun
+
+    @property
+    def reference_cost_usd(self) -> float:
+        """The run's cost at :data:`REFERENCE_PRICES_USD_PER_M` when it has none."""
+        if self.run.cost_usd:
+            return self.run.cost_usd
+        price_in, price_out = REFERENCE_PRICES_USD_PER_M
+        return (
+            self.run.prompt_tokens * price_in + self.run.completion_tokens * price_out
+        ) / 1e6
+
+
+def score(instance: Instance, answer: Any) -> float:
+    """How right ``answer`` is for ``instance``, from 0 to 1."""
+    if answer is None:
+        return 0.0
+    expected = instance.expected
+    if instance.family == "needle":
+        return float(str(expected) in str(answer))
+    if instance.family in ("count", "multidoc"):
+        return float(_as_int(answer) == expected)
+    if instance.family == "compare":
+        return float(_named_label(answer, list(instance.meta["counts"])) == expected)
+    got = {
+        str(v).strip()
+        for v in (
+            answer if isinstance(answer, list) else re.split(r"[;,]", str(answer))
+        )
+    }
+    got.discard("")
+    want = set(expected)
+    if not got and not want:
+        return 1.0
+    return len(got & want) / len(got | want)
+
+
+async def run_eval(
+    instances: Sequence[Instance],
+    config: RunConfig,
+    *,
+    methods: Sequence[MethodName] = METHODS,
+    on_row: Callable[[Row], None] | None = None,
+) -> list[Row]:
+    """Run every method on every instance, one at a time, and score them.
+
+    Each instance's files are written to a temporary folder first. The answer
+    kind is fixed per instance for all methods alike (``config.kind`` is set to
+    the instance's kind), so the comparison measures structure, not wording.
+    """
+    rows: list[Row] = []
+    for instance in instances:
+        with tempfile.TemporaryDirectory(prefix="rlm-eval-") as folder:
+            paths = instance.write(Path(folder) / instance.name)
+            run_config = config.model_copy(update={"kind": instance.kind})
+            for method in methods:
+                run = await run_method(method, instance, paths, run_config)
+                row = Row(
+                    instance=instance.name,
+                    family=instance.family,
+                    tokens=instance.target_tokens,
+                    method=method,
+                    score=score(instance, run.answer),
+                    expected=instance.expected,
+                    run=run,
+                )
+                logger.info(
+                    "%s %s: score %.2f, %d calls, %.1f s",
+                    instance.name,
+                    method,
+                    row.score,
+                    run.calls,
+                    run.elapsed_s,
+                )
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """A Markdown table: accuracy, calls, tokens, cost and time per family, size
+    and method (means over instances)."""
+    groups: dict[tuple[str, int, str], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.family, row.tokens, row.method), []).append(row)
+    lines = [
+        "| task | size (tokens) | method | n | accuracy | calls | tokens in+out | cost (USD) | time (s) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (family, tokens, method), group in groups.items():
+        n = len(group)
+        lines.append(
+            f"| {family} | {tokens:,} | {method} | {n} "
+            f"| {sum(r.score for r in group) / n:.2f} "
+            f"| {sum(r.run.calls for r in group) / n:.0f} "
+            f"| {sum(r.run.prompt_tokens + r.run.completion_tokens for r in group) / n:,.0f} "
+            f"| {sum(r.reference_cost_usd for r in group) / n:.4f} "
+            f"| {sum(r.run.elapsed_s for r in group) / n:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def draw_chart(rows: Sequence[Row], path: Path, *, title: str) -> Path:
+    """Write a PNG of accuracy against input size, one panel per task family.
+
+    Raises:
+        ConfigError: matplotlib is missing (``pip install 'rlm-graph[eval]'``).
+    """
+    try:
+        import matplotlib
+    except ImportError as exc:
+        msg = "The chart needs matplotlib: pip install 'rlm-graph[eval]'"
+        raise ConfigError(msg) from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = list(dict.fromkeys(r.family for r in rows))
+    figure, axes = plt.subplots(
+        1, len(families), figsize=(4.2 * len(families), 3.6), squeeze=False
+    )
+    for axis, family in zip(axes[0], families, strict=True):
+        for method in dict.fromkeys(r.method for r in rows):
+            points: dict[int, list[float]] = {}
+            for row in rows:
+                if row.family == family and row.method == method:
+                    points.setdefault(row.tokens, []).append(row.score)
+            sizes = sorted(points)
+            axis.plot(
+                sizes, [sum(points[s]) / len(points[s]) for s in sizes], label=method,
+                # Lines that coincide stay visible: own marker, dash and width.
+                **_STYLES.get(method, {"marker": "o"}),
+            )
+        axis.set_xscale("log")
+        axis.set_ylim(-0.05, 1.05)
+        axis.set_title(family)
+        axis.set_xlabel("input size (tokens)")
+        axis.set_ylabel("accuracy")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+_STYLES: dict[str, dict[str, Any]] = {
+    "direct": {"marker": "o", "linestyle": ":", "linewidth": 2.5, "markersize": 9},
+    "mapreduce": {"marker": "s", "linestyle": "--", "linewidth": 2.0, "markersize": 7},
+    "rlm": {"marker": "^", "linestyle": "-", "linewidth": 1.2, "markersize": 5},
+}
+
+
+def _as_int(answer: Any) -> int | None:
+    if isinstance(answer, bool):
+        return None
+    if isinstance(answer, int):
+        return answer
+    match = re.search(r"\d+", str(answer))
+    return int(match.group(0)) if match else None
+
+
+def _named_label(answer: Any, labels: list[str]) -> str | None:
+    """The label an answer says is more common: the larger count of a table, or
+    the first label named in a text."""
+    if isinstance(answer, dict):
+        known = {k: v for k, v in answer.items() if k in labels}
+        return max(known, key=lambda k: known[k]) if known else None
+    text = str(answer).casefold()
+    table = dict(re.findall(r"(\w+): (\d+)", text))
+    if all(label in table for label in labels):
+        return max(labels, key=lambda label: int(table[label]))
+    named = [(text.find(label), label) for label in labels if label in text]
+    return min(named)[1] if named else None
