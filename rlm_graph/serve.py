@@ -211,7 +211,7 @@ class _Endpoint:
             raise _bad_request(_first_problem(exc), param=_first_param(exc)) from exc
         if chat.model != self.model_id:
             msg = f"Model {chat.model!r} is not served here; use {self.model_id!r} (GET /v1/models)."
-            raise _error(web.HTTPNotFound, msg, kind="invalid_request_error", code="model_not_found", param="model")
+            raise _error(404, msg, kind="invalid_request_error", code="model_not_found", param="model")
         try:
             asked = question_from_messages([m.model_dump() for m in chat.messages])
         except ConfigError as exc:
@@ -233,7 +233,7 @@ class _Endpoint:
                 raise _bad_request(str(exc)) from exc
             except ModelCallError as exc:
                 logger.warning("a run failed: %s", exc)
-                raise _error(web.HTTPBadGateway, str(exc), kind="upstream_error", code="model_error") from exc
+                raise _error(502, str(exc), kind="upstream_error", code="model_error") from exc
 
     def _completion(self, completion_id: str, result: Result) -> dict[str, Any]:
         content = self._content(result)
@@ -255,7 +255,7 @@ class _Endpoint:
         try:
             return answer_text(result, with_citations=self.settings.with_citations)
         except ModelCallError as exc:
-            raise _error(web.HTTPBadGateway, str(exc), kind="upstream_error", code="run_failed") from exc
+            raise _error(502, str(exc), kind="upstream_error", code="run_failed") from exc
 
     async def _stream(
         self, request: web.Request, chat: _ChatRequest, completion_id: str,
@@ -276,8 +276,8 @@ class _Endpoint:
         try:
             result = run_task.result()
             content = self._content(result)
-        except web.HTTPException as exc:
-            await _send_event(response, {"error": json.loads(exc.text or "{}").get("error", {})})
+        except _ApiError as exc:
+            await _send_event(response, {"error": exc.error})
             await response.write(b"data: [DONE]\n\n")
             return response
 
@@ -296,8 +296,10 @@ async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamRes
     """Every HTTP error as JSON in OpenAI's error shape; no tracebacks out."""
     try:
         return await handler(request)
+    except _ApiError as exc:
+        return exc.response()
     except web.HTTPException as exc:
-        if exc.content_type == "application/json" or exc.status < 400:
+        if exc.status < 400:
             raise
         return _as_json_error(exc)
     except asyncio.CancelledError:
@@ -305,7 +307,7 @@ async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamRes
     except Exception as exc:
         logger.exception("unexpected error answering %s %s", request.method, request.path)
         msg = "Internal error; the server log has the details."
-        raise _error(web.HTTPInternalServerError, msg, kind="server_error") from exc
+        return _error(500, msg, kind="server_error").response()
 
 
 def _make_auth(token: SecretStr | None) -> Any:
@@ -318,7 +320,7 @@ def _make_auth(token: SecretStr | None) -> Any:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
             msg = "Missing or wrong bearer token: send 'Authorization: Bearer <token>'."
-            error = _error(web.HTTPUnauthorized, msg, kind="authentication_error", code="invalid_api_key")
+            error = _error(401, msg, kind="authentication_error", code="invalid_api_key")
             error.headers["WWW-Authenticate"] = "Bearer"
             raise error
         return await handler(request)
@@ -334,9 +336,7 @@ async def _read_json(request: web.Request, limit_bytes: int) -> Any:
             f"The request body is larger than this server's limit of {limit_bytes:,} "
             "bytes; send a smaller text or raise the limit (rlm-graph serve --max-request-mb)."
         )
-        raise _error(
-            web.HTTPRequestEntityTooLarge, msg, kind="invalid_request_error", code="request_too_large"
-        ) from exc
+        raise _error(413, msg, kind="invalid_request_error", code="request_too_large") from exc
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -369,16 +369,27 @@ def _base_url(host: str, runner: web.AppRunner) -> str:
     return f"http://{shown}:{port}/v1"
 
 
+class _ApiError(Exception):
+    """An error answer in OpenAI's shape; the middleware turns it into JSON."""
+
+    def __init__(self, status: int, error: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        super().__init__(error["message"])
+        self.status = status
+        self.error = error
+        self.headers = headers or {}
+
+    def response(self) -> web.Response:
+        return web.json_response({"error": self.error}, status=self.status, headers=self.headers)
+
+
 def _error(
-    kind_cls: type[web.HTTPException], message: str, *, kind: str,
-    code: str | None = None, param: str | None = None,
-) -> web.HTTPException:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return kind_cls(text=json.dumps(body), content_type="application/json")
+    status: int, message: str, *, kind: str, code: str | None = None, param: str | None = None,
+) -> _ApiError:
+    return _ApiError(status, {"message": message, "type": kind, "param": param, "code": code})
 
 
-def _bad_request(message: str, *, param: str | None = None) -> web.HTTPException:
-    return _error(web.HTTPBadRequest, message, kind="invalid_request_error", param=param)
+def _bad_request(message: str, *, param: str | None = None) -> _ApiError:
+    return _error(400, message, kind="invalid_request_error", param=param)
 
 
 def _as_json_error(exc: web.HTTPException) -> web.Response:
