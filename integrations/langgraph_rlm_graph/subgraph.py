@@ -17,6 +17,10 @@ The mapping, in and out:
   ``text(state) -> str``;
 - out: ``output(result) -> dict`` (a partial update of the parent's state); the
   default is ``{"answer": result.answer}``.
+
+rlm-graph's stages are async, so the parent runs with ``ainvoke``/``astream``
+and an async checkpointer (``AsyncSqliteSaver``, ``AsyncPostgresSaver``,
+``InMemorySaver``); a blocking ``invoke`` gets an error saying so.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypedDict
 
+from langchain_core.runnables import RunnableLambda
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 
@@ -67,7 +72,7 @@ def rlm_node(
     output: Callable[[Result], dict[str, Any]] | None = None,
     config: RunConfig | None = None,
     **settings: Any,
-) -> Callable[[Any], Awaitable[dict[str, Any]]]:
+) -> RunnableLambda[Any, dict[str, Any]]:
     """Make a node that asks rlm-graph from a parent graph's state.
 
     Args:
@@ -79,7 +84,7 @@ def rlm_node(
         config: settings of each run; ``settings`` override its fields.
 
     Returns:
-        An async node function for ``StateGraph.add_node``.
+        A node for ``StateGraph.add_node``; it runs under ``ainvoke``/``astream``.
 
     Raises:
         ValueError: neither or both of ``paths`` and ``text``.
@@ -113,7 +118,16 @@ def rlm_node(
         )
         return to_update(result)
 
-    return rlm
+    return RunnableLambda(_refuse_blocking, afunc=rlm, name="rlm")
+
+
+def _refuse_blocking(state: Any) -> dict[str, Any]:
+    msg = (
+        "rlm-graph's stages are async: run the parent graph with 'await graph.ainvoke(...)' "
+        "or 'graph.astream(...)', with an async checkpointer (AsyncSqliteSaver, "
+        "AsyncPostgresSaver or InMemorySaver)."
+    )
+    raise RuntimeError(msg)
 
 
 def build_rlm_graph(config: RunConfig | None = None, **settings: Any) -> CompiledStateGraph:
@@ -145,7 +159,7 @@ def build_rlm_graph(config: RunConfig | None = None, **settings: Any) -> Compile
         if bool(state.get("text")) == bool(state.get("paths")):
             msg = "Give the input 'question' and either 'paths' or 'text', exactly one of them."
             raise ValueError(msg)
-        return await (node if state.get("text") else paths_node)(state)
+        return await (node if state.get("text") else paths_node).ainvoke(state)
 
     builder = StateGraph(RlmState)
     builder.add_node("rlm", rlm)

@@ -148,3 +148,11 @@ async def test_ready_graph_takes_text_or_paths_and_returns_the_result(scripted, 
 def test_rlm_node_needs_exactly_one_source_mapping():
     with pytest.raises(ValueError, match="exactly one of paths= and text="):
         rlm_node(question=lambda s: s["q"])
+
+
+def test_blocking_invoke_of_the_parent_says_to_use_ainvoke(scripted):
+    scripted(text_reply(r"(x)"))
+    parent = build_parent(InMemorySaver())
+
+    with pytest.raises(RuntimeError, match="ainvoke"):
+        parent.invoke({"query": "Q?", "document": "a\n\nb"}, {"configurable": {"thread_id": "sync"}})
