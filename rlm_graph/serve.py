@@ -13,9 +13,9 @@ bearer token, a request size limit, and JSON 4xx errors in OpenAI's shape
 (``{"error": {"message", "type", "param", "code"}}``) for every bad request.
 
 The server is aiohttp's (already installed with LiteLLM); docs/design.md
-(section "serve") has the choice and its measurements. Each run goes to a worker
-thread with its own event loop, so that loading and splitting a large source
-never blocks other requests.
+(section "serve") has the choice and its measurements. Runs share the server's
+event loop: LiteLLM keeps per-loop state (its logging worker) that broke when
+each run had a loop of its own in a thread (benchmarks/serve_overhead.py).
 
 Streaming (``"stream": true``) is answered as server-sent events in OpenAI's
 chunk format, but the answer arrives as one chunk when the run ends: the merge
@@ -26,6 +26,7 @@ seconds, so that proxies do not drop an idle connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -40,7 +41,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from rlm_graph.api import run
+from rlm_graph.api import arun
 from rlm_graph.chat import answer_text, question_from_messages
 from rlm_graph.config import RunConfig
 from rlm_graph.errors import ConfigError, ModelCallError, RlmGraphError, SourceError
@@ -153,22 +154,38 @@ def serve_in_thread(
     """Serve from a background thread for the ``with`` block; yields the base URL.
 
     For tests, examples and notebooks. The server stops when the block ends.
+
+    Raises:
+        ConfigError: bad settings (see :func:`create_app`).
+        RlmGraphError: the server did not start in time.
     """
     ready = threading.Event()
     urls: list[str] = []
     failures: list[BaseException] = []
-    loop = asyncio.new_event_loop()
+    control: dict[str, Any] = {}
 
     def on_ready(url: str) -> None:
         urls.append(url)
         ready.set()
 
+    async def until_stopped() -> None:
+        stop = asyncio.Event()
+        control.update(loop=asyncio.get_running_loop(), stop=stop)
+        server = asyncio.ensure_future(serve(config, settings, on_ready=on_ready))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({server, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if server.done():
+            server.result()  # raises what stopped the server
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
+
     def main() -> None:
+        # asyncio.run also ends the tasks LiteLLM starts on this loop.
         try:
-            loop.run_until_complete(serve(config, settings, on_ready=on_ready))
-        except asyncio.CancelledError:
-            pass
-        except BaseException as exc:  # reported to the caller below
+            asyncio.run(until_stopped())
+        except BaseException as exc:  # handed to the caller below
             failures.append(exc)
             ready.set()
 
@@ -183,10 +200,8 @@ def serve_in_thread(
     try:
         yield urls[0]
     finally:
-        for task in asyncio.all_tasks(loop):
-            loop.call_soon_threadsafe(task.cancel)
+        control["loop"].call_soon_threadsafe(control["stop"].set)
         thread.join(start_timeout_s)
-        loop.close()
 
 
 class _Endpoint:
@@ -228,7 +243,7 @@ class _Endpoint:
     async def _run(self, question: str, text: str, settings: dict[str, Any]) -> Result:
         async with self.runs:
             try:
-                return await asyncio.to_thread(run, question, text=text, config=self.config, **settings)
+                return await arun(question, text=text, config=self.config, **settings)
             except (ConfigError, SourceError) as exc:
                 raise _bad_request(str(exc)) from exc
             except ModelCallError as exc:
