@@ -9,25 +9,30 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from os import PathLike
+from pathlib import Path
 from typing import Any
 
 from rlm_graph.config import RunConfig
-from rlm_graph.errors import ConfigError
+from rlm_graph.errors import ConfigError, ResumeMismatchError, SourceError, StoreError
 from rlm_graph.graph import build_graph
 from rlm_graph.models import ModelClient
 from rlm_graph.nodes.delegate import Engine, Event
 from rlm_graph.nodes.plan import make_plan
-from rlm_graph.nodes.types import Outcome
+from rlm_graph.nodes.types import Outcome, Plan
 from rlm_graph.result import Citation, Failure, Result, TaskNode
 from rlm_graph.source import Source, load_source, source_from_text
+from rlm_graph.store import RunRecord, SourceInfo, Store, open_store, source_files_info
 from rlm_graph.tokens import context_window
 
-__all__ = ["arun", "execute", "prepare", "run"]
+__all__ = ["aresume", "arun", "execute", "prepare", "resume", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +44,8 @@ def run(
     text: str | None = None,
     config: RunConfig | None = None,
     on_event: Callable[[Event], None] | None = None,
+    store: str | PathLike[str] | None = None,
+    run_id: str | None = None,
     **settings: Any,
 ) -> Result:
     """Answer ``question`` over files or a text, recursively; blocking.
@@ -52,23 +59,25 @@ def run(
         text: a text held in memory, instead of ``paths``.
         config: the run configuration; ``settings`` override its fields.
         on_event: receives progress events while the run goes on.
+        store: where the run is checkpointed: an SQLite file, a
+            ``postgresql://`` URL, or ``"memory"`` (not resumable); None uses
+            ``$RLM_GRAPH_STORE`` or the per-user default file.
+        run_id: a name for the run (letters, digits, ``._-``); a new random
+            id when None.
         **settings: any :class:`RunConfig` field, e.g. ``model="openai/gpt-4o-mini"``.
 
     Raises:
         ConfigError: bad settings, an unknown model, a window too small.
         SourceError: a path cannot be read as text.
-        ModelCallError: the models cannot be reached at all.
+        StoreError: the store cannot be opened or the run id is taken.
+        ModelCallError: the models cannot be reached at all (the run is
+            kept and can be resumed).
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        msg = "run() was called inside a running event loop; use 'await arun(...)' instead."
-        raise RuntimeError(msg)
-    return asyncio.run(
-        arun(question, paths, text=text, config=config, on_event=on_event, **settings)
-    )
+    _refuse_running_loop("run", "arun")
+    return asyncio.run(arun(
+        question, paths, text=text, config=config, on_event=on_event,
+        store=store, run_id=run_id, **settings,
+    ))
 
 
 async def arun(
@@ -78,6 +87,8 @@ async def arun(
     text: str | None = None,
     config: RunConfig | None = None,
     on_event: Callable[[Event], None] | None = None,
+    store: str | PathLike[str] | None = None,
+    run_id: str | None = None,
     **settings: Any,
 ) -> Result:
     """Answer ``question`` over files or a text, recursively.
@@ -85,25 +96,143 @@ async def arun(
     Same arguments as :func:`run`.
     """
     engine = prepare(question, paths, text=text, config=config, on_event=on_event, **settings)
-    return await execute(engine)
+    async with open_store(store) as opened:
+        return await execute(engine, store=opened, run_id=run_id)
 
 
-async def execute(engine: Engine, *, run_id: str | None = None) -> Result:
-    """Run a prepared engine's graph to the end and build its result."""
-    from langgraph.checkpoint.memory import InMemorySaver
+def resume(
+    run_id: str,
+    *,
+    store: str | PathLike[str] | None = None,
+    question: str | None = None,
+    paths: Sequence[str | PathLike[str]] | None = None,
+    stored_source: bool = False,
+    on_event: Callable[[Event], None] | None = None,
+    **settings: Any,
+) -> Result:
+    """Finish a run that was stopped, killed, or ended with failed parts; blocking.
 
+    A run whose process died continues from its last checkpoint. A run that
+    ended ``partial``, ``failed`` or ``stopped`` is executed again from the top,
+    and every model call that already returned is answered from the store's
+    call log, so only the failed or missing calls are sent.
+
+    Args:
+        run_id: the run (a unique prefix is enough).
+        store: the store the run lives in (as for :func:`run`).
+        question: if given, must equal the run's question (a safety check).
+        paths: if given, the source must hash to the run's source.
+        stored_source: use the stored copy of the source even if the files it
+            was read from have changed since.
+        on_event: receives progress events.
+        **settings: settings that may change between attempts (``concurrency``,
+            ``timeout_s``, ``max_retries``, ``api_key``, ``api_base``); any other
+            setting must equal the run's.
+
+    Raises:
+        StoreError: no such run, or the store cannot be used.
+        RunBusyError: another process is driving the run.
+        ResumeMismatchError: the question, source or a setting differs.
+    """
+    _refuse_running_loop("resume", "aresume")
+    return asyncio.run(aresume(
+        run_id, store=store, question=question, paths=paths,
+        stored_source=stored_source, on_event=on_event, **settings,
+    ))
+
+
+async def aresume(
+    run_id: str,
+    *,
+    store: str | PathLike[str] | None = None,
+    question: str | None = None,
+    paths: Sequence[str | PathLike[str]] | None = None,
+    stored_source: bool = False,
+    on_event: Callable[[Event], None] | None = None,
+    **settings: Any,
+) -> Result:
+    """Finish a run; same arguments as :func:`resume`."""
+    async with open_store(store) as opened:
+        record = await opened.get_run(run_id)
+        if record.status == "done" and record.result is not None:
+            logger.info("run %s is already done; returning its result", record.run_id)
+            return Result.model_validate(record.result)
+        _check_question(record, question)
+        config = _resume_config(record, settings)
+        source = await opened.load_source(record.source.digest)
+        if paths is not None:
+            given = _load(paths, None, config, None)
+            if given.digest != source.digest:
+                msg = (
+                    f"The source given differs from run {record.run_id}'s source "
+                    f"(sha256 {given.digest[:12]}, the run's {source.digest[:12]}). "
+                    "Start a new run over it instead: unchanged pieces reuse recorded calls."
+                )
+                raise ResumeMismatchError(msg)
+        elif not stored_source:
+            _check_files_unchanged(record, config)
+        client = ModelClient(config, on_call=_call_notifier(on_event))
+        engine = Engine(source, config, Plan.model_validate(record.plan), client, emit=on_event)
+        return await execute(engine, store=opened, record=record)
+
+
+async def execute(
+    engine: Engine,
+    *,
+    store: Store,
+    run_id: str | None = None,
+    record: RunRecord | None = None,
+) -> Result:
+    """Run a prepared engine's graph to the end in a store and build its result.
+
+    With ``record`` (a resume), the run's thread continues from its last
+    checkpoint, or, when that execution had finished, the graph runs again
+    from the top on a new thread with every recorded call answered from the log.
+    """
     started = time.monotonic()
-    run_id = run_id or f"run-{uuid.uuid4().hex[:12]}"
-    graph = build_graph(engine, checkpointer=InMemorySaver())
-    logger.info("run %s started: %s", run_id, engine.source.describe())
+    if record is None:
+        record = await _new_record(engine, store, run_id)
+    engine.client.call_log = store
+    progress = _Progress(engine, record)
+    engine.add_listener(progress.on_event)
 
-    state = await graph.ainvoke(
-        {"question": engine.plan.question},
-        {"configurable": {"thread_id": run_id}, "recursion_limit": 100},
-    )
-    outcome = Outcome.model_validate(state["outcome"])
-    result = build_result(run_id, engine, outcome, elapsed_s=time.monotonic() - started)
-    logger.info("run %s finished: %s, %d calls", run_id, result.status, result.usage.calls)
+    async with store.lock_run(record.run_id):
+        graph = build_graph(engine, checkpointer=store.saver)
+        state_input: dict[str, Any] | None = {"question": engine.plan.question}
+        stage = await _thread_stage(graph, record.thread_id)
+        if stage == "finished":
+            record.executions += 1
+            logger.info("run %s: execution %d; recorded calls are reused", record.run_id, record.executions)
+        elif stage == "unfinished":
+            state_input = None
+            logger.info("run %s: continuing from its last checkpoint", record.run_id)
+        record.status, record.error = "running", None
+        await store.save_run(record)
+        engine.emit(Event("run_started", data={"run_id": record.run_id, "store": store.location}))
+        logger.info("run %s started: %s", record.run_id, engine.source.describe())
+
+        autosave = asyncio.create_task(progress.autosave(store))
+        try:
+            state = await graph.ainvoke(
+                state_input,
+                {"configurable": {"thread_id": record.thread_id}, "recursion_limit": 100},
+            )
+        except BaseException as exc:
+            autosave.cancel()
+            record.status = "interrupted"
+            record.error = _short_error(exc)
+            record.progress = progress.snapshot()
+            await asyncio.shield(store.save_run(record))
+            raise
+        autosave.cancel()
+
+        outcome = Outcome.model_validate(state["outcome"])
+        result = build_result(record.run_id, engine, outcome, elapsed_s=time.monotonic() - started)
+        record.status = result.status
+        record.result = result.model_dump(mode="json")
+        record.progress = progress.snapshot()
+        await store.save_run(record)
+    logger.info("run %s finished: %s, %d calls", record.run_id, result.status, result.usage.calls)
 
     return result
 
@@ -197,6 +326,155 @@ def _load(
     if text is not None:
         return source_from_text(text)
     return load_source(list(paths or []), encoding=config.encoding, stdin_text=stdin_text)
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+FREE_ON_RESUME = frozenset({"concurrency", "timeout_s", "max_retries", "api_key", "api_base"})
+"""Settings a resume may change: they affect how calls are made, not what is asked."""
+
+
+def _refuse_running_loop(name: str, async_name: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    msg = f"{name}() was called inside a running event loop; use 'await {async_name}(...)' instead."
+    raise RuntimeError(msg)
+
+
+async def _new_record(engine: Engine, store: Store, run_id: str | None) -> RunRecord:
+    if run_id is None:
+        run_id = f"run-{uuid.uuid4().hex[:12]}"
+    elif not _RUN_ID.fullmatch(run_id):
+        msg = f"Run id {run_id!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-'."
+        raise ConfigError(msg)
+    else:
+        with contextlib.suppress(StoreError):
+            await store.get_run(run_id)
+            msg = f"Run {run_id} already exists in {store.location}; resume it, or pick another id."
+            raise ConfigError(msg)
+    source = engine.source
+    paths = [None if f.name.startswith("<") else Path(f.name).resolve() for f in source.files]
+    record = RunRecord(
+        run_id=run_id,
+        question=engine.plan.question,
+        source=SourceInfo(
+            digest=source.digest, chars=len(source.text),
+            files=source_files_info(source, paths),
+        ),
+        config=engine.config.model_dump(mode="json", exclude={"api_key"}),
+        plan=engine.plan.model_dump(mode="json"),
+    )
+    await store.save_source(source)
+    return record
+
+
+async def _thread_stage(graph: Any, thread_id: str) -> str:
+    """``new`` (no checkpoint yet), ``unfinished`` or ``finished``."""
+    snapshot = await graph.aget_state({"configurable": {"thread_id": thread_id}})
+    if not snapshot.values and not snapshot.next:
+        return "new"
+    return "unfinished" if snapshot.next else "finished"
+
+
+def _check_question(record: RunRecord, question: str | None) -> None:
+    if question is not None and question.strip() != record.question.strip():
+        msg = (
+            f"Run {record.run_id} asked {record.question!r}, not {question!r}. "
+            "A resume finishes the same question; ask a new one with 'rlm-graph run' "
+            "(pieces already read are not paid for again)."
+        )
+        raise ResumeMismatchError(msg)
+
+
+def _resume_config(record: RunRecord, settings: dict[str, Any]) -> RunConfig:
+    changed = {
+        name: (record.config.get(name), value)
+        for name, value in settings.items()
+        if name not in FREE_ON_RESUME and value != record.config.get(name)
+    }
+    if changed:
+        shown = "; ".join(f"{name}: run has {old!r}, asked {new!r}" for name, (old, new) in changed.items())
+        msg = (
+            f"Run {record.run_id} cannot resume with different settings ({shown}). "
+            f"Only {', '.join(sorted(FREE_ON_RESUME))} may change; start a new run for the rest."
+        )
+        raise ResumeMismatchError(msg)
+    stored = {k: v for k, v in record.config.items() if k in RunConfig.model_fields}
+    return _configure(None, {**stored, **settings})
+
+
+def _check_files_unchanged(record: RunRecord, config: RunConfig) -> None:
+    for info in record.source.files:
+        path = info.get("path")
+        if not path or not Path(path).is_file():
+            continue
+        try:
+            current = load_source([path], encoding=config.encoding)
+        except SourceError:
+            continue
+        first = current.files[0]
+        text = current.text[first.start : first.end]
+        now = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        if now != info.get("sha256"):
+            msg = (
+                f"{info['name']} changed since run {record.run_id} started "
+                f"(sha256 was {str(info.get('sha256'))[:12]}, is {now[:12]}). "
+                "Resume over the source as it was with --stored-source, or start a new run "
+                "over the edited text (pieces that did not change reuse recorded calls)."
+            )
+            raise ResumeMismatchError(msg)
+
+
+def _short_error(exc: BaseException) -> str:
+    if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError)):
+        return "stopped by the user"
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+class _Progress:
+    """Counts a run's events and saves a snapshot to the store every few seconds."""
+
+    INTERVAL_S = 3.0
+
+    def __init__(self, engine: Engine, record: RunRecord) -> None:
+        self._engine = engine
+        self._record = record
+        before = record.progress or {}
+        self.tasks: dict[str, list[Any]] = dict(before.get("tasks") or {})
+        self.leaves_estimate = max(1, -(-engine.plan.source_tokens // engine.plan.leaf_tokens))
+        self._dirty = True
+
+    def on_event(self, event: Event) -> None:
+        if event.kind == "task_started":
+            data = event.data
+            self.tasks[event.task_id] = [data.get("start", 0), data.get("end", 0), "running"]
+        elif event.kind == "task_done" and event.task_id in self.tasks:
+            self.tasks[event.task_id][2] = event.data.get("status", "done")
+        self._dirty = True
+
+    def snapshot(self) -> dict[str, Any]:
+        usage = self._engine.client.usage
+        statuses = [t[2] for t in self.tasks.values()]
+        leaves = {t for t in self.tasks if not any(o.startswith(t + ".") for o in self.tasks)}
+        return {
+            "tasks": self.tasks,
+            "tasks_done": sum(s != "running" for s in statuses),
+            "leaves_done": sum(self.tasks[t][2] != "running" for t in leaves),
+            "leaves_estimate": self.leaves_estimate,
+            "calls": usage.calls, "cached_calls": usage.cached_calls,
+            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "cost_usd": usage.cost_usd,
+        }
+
+    async def autosave(self, store: Store) -> None:
+        while True:
+            await asyncio.sleep(self.INTERVAL_S)
+            if self._dirty:
+                self._dirty = False
+                self._record.progress = self.snapshot()
+                await store.save_run(self._record)
 
 
 def _call_notifier(on_event: Callable[[Event], None] | None) -> Any:

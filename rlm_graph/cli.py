@@ -3,9 +3,9 @@
 It calls the public API and adds nothing the library lacks. Heavy imports
 (LiteLLM takes seconds) happen inside the commands, so ``--help`` is instant.
 
-Exit codes: 0 answered; 1 answered in part (some tasks failed); 2 bad input or
-configuration; 3 the models could not be used, or no part could be answered;
-130 interrupted.
+Exit codes: 0 answered; 1 answered in part (some tasks failed, or stopped);
+2 bad input, configuration or store; 3 the models could not be used, or no part
+could be answered; 130 interrupted (the run is kept: ``rlm-graph resume``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,12 @@ EXIT_PARTIAL = 1
 EXIT_USAGE = 2
 EXIT_MODEL = 3
 EXIT_INTERRUPTED = 130
+
+
+_STORE_HELP = (
+    "Where runs are kept: an SQLite file or a postgresql:// URL "
+    "(or RLM_GRAPH_STORE; default: a file in your user data folder)."
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,33 +57,162 @@ def main() -> None:
 @click.option("--max-output-tokens", type=int, help="Output tokens reserved per call.")
 @click.option("--timeout", "timeout_s", type=float, help="Seconds per model call attempt.")
 @click.option("--encoding", help="Encoding of the source files (default utf-8).")
+@click.option("--store", "store", envvar="RLM_GRAPH_STORE", help=_STORE_HELP)
+@click.option("--run-id", help="Name the run (letters, digits, '._-'); default: a random id.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("-v", "--verbose", count=True, help="-v: milestones and retries; -vv: every call.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def run_command(
-    sources: tuple[str, ...], question: str, as_json: bool, verbose: int, debug: bool,
-    **options: Any,
+    sources: tuple[str, ...], question: str, store: str | None, run_id: str | None,
+    as_json: bool, verbose: int, debug: bool, **options: Any,
 ) -> None:
     """Answer QUESTION over SOURCE files, directories or '-' (stdin)."""
     _configure_logging(verbose, debug)
     settings = {key: value for key, value in options.items() if value is not None}
-    with _errors_to_exit_codes(debug):
+    progress = _Progress(enabled=sys.stderr.isatty(), store=store)
+    with _errors_to_exit_codes(debug, progress):
         from rlm_graph.api import execute, prepare
-        from rlm_graph.result import Result
-
-        progress = _Progress(enabled=sys.stderr.isatty())
         from rlm_graph.source import decode_bytes
+        from rlm_graph.store import open_store
 
         stdin_text = None
         if "-" in sources:
             stdin_text = decode_bytes(sys.stdin.buffer.read(), "<stdin>", options.get("encoding") or "utf-8")
         engine = prepare(question, list(sources), stdin_text=stdin_text, on_event=progress.on_event, **settings)
         progress.start(engine)
+
+        async def go() -> Any:
+            async with open_store(store) as opened:
+                return await execute(engine, store=opened, run_id=run_id)
+
         try:
-            result: Result = _await(execute(engine))
+            result = _await(go())
         finally:
             progress.stop()
+    _finish(result, as_json)
 
+
+@main.command("resume")
+@click.argument("run_id")
+@click.option("--store", "store", envvar="RLM_GRAPH_STORE", help=_STORE_HELP)
+@click.option("-q", "--question", help="Check that the run asked this question.")
+@click.option("--stored-source", is_flag=True, help="Use the stored copy even if the files changed since.")
+@click.option("--model", help="Must equal the run's root model.")
+@click.option("--worker-model", help="Must equal the run's worker model.")
+@click.option("--api-base", help="Base URL of the model server (may change).")
+@click.option("--api-key", envvar="RLM_GRAPH_API_KEY", help="Key for --api-base (or RLM_GRAPH_API_KEY).")
+@click.option("--concurrency", type=int, help="Most model calls in flight at once (may change).")
+@click.option("--timeout", "timeout_s", type=float, help="Seconds per model call attempt (may change).")
+@click.option("--max-retries", type=int, help="Retries per model call (may change).")
+@click.option("--chunk-tokens", type=int, help="Must equal the run's.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("-v", "--verbose", count=True, help="-v: milestones and retries; -vv: every call.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def resume_command(
+    run_id: str, store: str | None, question: str | None, stored_source: bool,
+    as_json: bool, verbose: int, debug: bool, **options: Any,
+) -> None:
+    """Finish RUN_ID: continue a stopped or killed run, or retry its failed parts.
+
+    Calls that already returned are answered from the store, not paid again.
+    """
+    _configure_logging(verbose, debug)
+    settings = {key: value for key, value in options.items() if value is not None}
+    progress = _Progress(enabled=sys.stderr.isatty(), store=store)
+    with _errors_to_exit_codes(debug, progress):
+        from rlm_graph.api import aresume
+
+        progress.start(None)
+        try:
+            result = _await(aresume(
+                run_id, store=store, question=question, stored_source=stored_source,
+                on_event=progress.on_event, **settings,
+            ))
+        finally:
+            progress.stop()
+    _finish(result, as_json)
+
+
+@main.command("runs")
+@click.option("--store", "store", envvar="RLM_GRAPH_STORE", help=_STORE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list on stdout.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def runs_command(store: str | None, as_json: bool, debug: bool) -> None:
+    """List the runs in the store, newest first."""
+    with _errors_to_exit_codes(debug):
+        from rlm_graph.store import open_store
+
+        async def listing() -> Any:
+            async with open_store(store) as opened:
+                return opened.location, await opened.list_runs()
+
+        location, records = _await(listing())
+    if as_json:
+        click.echo(json.dumps([_run_row(r) for r in records], ensure_ascii=False, indent=2))
+        return
+    if not records:
+        click.echo(f"No runs in {location}.", err=True)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in ("run", "status", "question", "source", "progress", "cost", "age"):
+        table.add_column(column, overflow="fold" if column == "run" else "ellipsis", no_wrap=column != "question")
+    for record in records:
+        row = _run_row(record)
+        table.add_row(
+            row["run_id"], row["status"], _clip(row["question"], 48), _clip(row["source"], 32),
+            row["progress"], f"${row['cost_usd']:.4f}", _age(row["updated_at"]),
+        )
+    Console().print(table)
+
+
+@main.command("show")
+@click.argument("run_id")
+@click.option("--store", "store", envvar="RLM_GRAPH_STORE", help=_STORE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the run's record as JSON.")
+@click.option("--depth", "max_depth", type=int, default=3, show_default=True, help="Tree levels to draw.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def show_command(run_id: str, store: str | None, as_json: bool, max_depth: int, debug: bool) -> None:
+    """Show a run: its result (or progress so far) and its recursion tree."""
+    with _errors_to_exit_codes(debug):
+        from rlm_graph.store import open_store
+
+        async def fetch() -> Any:
+            async with open_store(store) as opened:
+                record = await opened.get_run(run_id)
+                runs = {r.run_id: r for r in await opened.list_runs()}
+                return runs.get(record.run_id, record)
+
+        record = _await(fetch())
+    if as_json:
+        click.echo(json.dumps(record.model_dump(mode="json"), ensure_ascii=False, indent=2))
+        return
+    _show_record(record, max_depth)
+
+
+@main.command("rm")
+@click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID...")
+@click.option("--store", "store", envvar="RLM_GRAPH_STORE", help=_STORE_HELP)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def rm_command(run_ids: tuple[str, ...], store: str | None, debug: bool) -> None:
+    """Delete runs: their records, checkpoints and (if unused) stored sources.
+
+    Recorded model calls stay, so other runs keep reusing them.
+    """
+    with _errors_to_exit_codes(debug):
+        from rlm_graph.store import open_store
+
+        async def remove() -> list[str]:
+            async with open_store(store) as opened:
+                return [(await opened.delete_run(run_id)).run_id for run_id in run_ids]
+
+        for removed in _await(remove()):
+            click.echo(f"removed {removed}", err=True)
+
+
+def _finish(result: Any, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result.model_dump(mode="json"), ensure_ascii=False, indent=2))
     else:
@@ -94,11 +229,97 @@ def _await(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+def _run_row(record: Any) -> dict[str, Any]:
+    progress = record.progress or {}
+    files = record.source.files
+    source = files[0]["name"] if files else "?"
+    if len(files) > 1:
+        source += f" +{len(files) - 1}"
+    if record.status in ("done", "partial", "failed") and record.result:
+        done = f"{record.result.get('usage', {}).get('calls', 0)} calls"
+    else:
+        done = f"{progress.get('leaves_done', 0)}/~{progress.get('leaves_estimate', '?')} pieces"
+    cost = (record.result or {}).get("usage", {}).get("cost_usd", progress.get("cost_usd", 0.0))
+    return {
+        "run_id": record.run_id, "status": record.status, "question": record.question,
+        "source": source, "progress": done, "cost_usd": cost or 0.0,
+        "created_at": record.created_at, "updated_at": record.updated_at,
+    }
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _age(when: float) -> str:
+    seconds = max(0, time.time() - when)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _show_record(record: Any, max_depth: int) -> None:
+    from rich.console import Console
+    from rich.tree import Tree
+
+    from rlm_graph.result import Result
+
+    console = Console()
+    console.print(f"[bold]{record.run_id}[/bold] · {record.status} · {record.question}", highlight=False)
+    names = ", ".join(f["name"] for f in record.source.files[:3])
+    console.print(f"source: {names} ({record.source.chars:,} characters, sha256 {record.source.digest[:12]})",
+                  highlight=False)
+    if record.error:
+        console.print(f"stopped by: {record.error}", highlight=False)
+    if record.result is not None:
+        result = Result.model_validate(record.result)
+        click.echo("")
+        _print_human(result)
+        if result.tree is not None:
+            tree = Tree(_node_label(result.tree.id, result.tree.status, result.tree.verdict, result.tree.answer))
+            _add_result_children(tree, result.tree, max_depth)
+            console.print(tree)
+        return
+    progress = record.progress or {}
+    click.echo(
+        f"progress: {progress.get('leaves_done', 0)} of ~{progress.get('leaves_estimate', '?')} pieces read, "
+        f"{progress.get('calls', 0)} calls ({progress.get('cached_calls', 0)} cached), "
+        f"${progress.get('cost_usd', 0.0):.4f}"
+    )
+    tasks = progress.get("tasks") or {}
+    tree = Tree("0 (root)")
+    nodes = {"0": tree}
+    for task_id in sorted(tasks, key=lambda t: [int(p) for p in t.split(".")]):
+        if task_id.count(".") > max_depth:
+            continue
+        start, end, status = tasks[task_id]
+        parent = nodes.get(task_id.rsplit(".", 1)[0], tree)
+        nodes[task_id] = parent.add(f"{task_id} [{start}:{end}] {status}")
+    Console().print(tree)
+    if record.status in ("interrupted", "stopped", "partial", "failed"):
+        click.echo(f"resume with: rlm-graph resume {record.run_id}")
+
+
+def _node_label(task_id: str, status: str, verdict: str, answer: Any) -> str:
+    shown = "" if answer in (None, "", []) else f" → {_clip(str(answer), 60)}"
+    return f"{task_id} {status} ({verdict}){shown}"
+
+
+def _add_result_children(tree: Any, node: Any, max_depth: int) -> None:
+    for child in node.children:
+        branch = tree.add(_node_label(child.id, child.status, child.verdict, child.answer))
+        if child.depth < max_depth:
+            _add_result_children(branch, child, max_depth)
+
+
 class _errors_to_exit_codes:
     """Turn library errors into one line on stderr and a documented exit code."""
 
-    def __init__(self, debug: bool) -> None:
+    def __init__(self, debug: bool, progress: _Progress | None = None) -> None:
         self.debug = debug
+        self.progress = progress
 
     def __enter__(self) -> None:
         return None
@@ -106,35 +327,41 @@ class _errors_to_exit_codes:
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
         if exc is None:
             return False
-        from rlm_graph.errors import ConfigError, RlmGraphError, SourceError
+        from rlm_graph.errors import ConfigError, RlmGraphError, SourceError, StoreError
 
+        hint = self.progress.resume_hint() if self.progress is not None else None
         if isinstance(exc, KeyboardInterrupt):
-            click.echo("interrupted.", err=True)
+            click.echo("stopped." + (f" Nothing finished is lost; resume with: {hint}" if hint else ""), err=True)
             sys.exit(EXIT_INTERRUPTED)
         if not isinstance(exc, RlmGraphError) or self.debug:
             return False
         click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USAGE if isinstance(exc, ConfigError | SourceError) else EXIT_MODEL)
+        if hint and not isinstance(exc, ConfigError | SourceError | StoreError):
+            click.echo(f"The run is kept; once fixed, resume with: {hint}", err=True)
+        sys.exit(EXIT_USAGE if isinstance(exc, ConfigError | SourceError | StoreError) else EXIT_MODEL)
 
 
 class _Progress:
     """A live line on stderr: tasks, depth, calls and tokens (rich)."""
 
-    def __init__(self, *, enabled: bool) -> None:
+    def __init__(self, *, enabled: bool, store: str | None = None) -> None:
         self.enabled = enabled
+        self.store = store
+        self.run_id: str | None = None
         self.started = self.done = self.calls = self.cached = self.tokens = 0
         self.depth = 0
         self._live: Any = None
         self._t0 = time.monotonic()
 
     def start(self, engine: Any) -> None:
-        plan = engine.plan
-        click.echo(
-            f"rlm-graph: {engine.source.describe()}, {plan.source_tokens:,} tokens; "
-            f"{plan.kind} answer; leaves of up to {plan.leaf_tokens:,} tokens; "
-            f"worker {engine.client.models['worker']}",
-            err=True,
-        )
+        if engine is not None:
+            plan = engine.plan
+            click.echo(
+                f"rlm-graph: {engine.source.describe()}, {plan.source_tokens:,} tokens; "
+                f"{plan.kind} answer; leaves of up to {plan.leaf_tokens:,} tokens; "
+                f"worker {engine.client.models['worker']}",
+                err=True,
+            )
         if not self.enabled:
             return
         from rich.console import Console
@@ -148,8 +375,23 @@ class _Progress:
             self._live.stop()
             self._live = None
 
+    def resume_hint(self) -> str | None:
+        if self.run_id is None:
+            return None
+        from rlm_graph.store import redact
+
+        store = f" --store {redact(self.store)}" if self.store else ""
+        return f"rlm-graph resume {self.run_id}{store}"
+
     def on_event(self, event: Any) -> None:
-        if event.kind == "task_started":
+        if event.kind == "run_started":
+            self.run_id = event.data["run_id"]
+            message = f"rlm-graph: run {self.run_id} (if stopped: {self.resume_hint()})"
+            if self._live is not None:
+                self._live.console.print(message, highlight=False)
+            else:
+                click.echo(message, err=True)
+        elif event.kind == "task_started":
             self.started += 1
             self.depth = max(self.depth, event.depth)
         elif event.kind == "task_done":

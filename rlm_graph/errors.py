@@ -18,7 +18,9 @@ __all__ = [
     "ConfigError",
     "ContextWindowError",
     "ModelCallError",
+    "ResumeMismatchError",
     "RlmGraphError",
+    "RunBusyError",
     "SourceError",
     "StoreError",
 ]
@@ -60,3 +62,12 @@ class BudgetExceeded(RlmGraphError):
 
 class StoreError(RlmGraphError):
     """The run store cannot be opened, read or written."""
+
+
+class RunBusyError(StoreError):
+    """Another process is driving this run right now."""
+
+
+class ResumeMismatchError(StoreError):
+    """A resume was asked with a source, question or configuration that differs
+    from the run's own."""

@@ -31,7 +31,7 @@ from tenacity import (
 )
 
 from rlm_graph.config import RunConfig
-from rlm_graph.errors import ConfigError, ContextWindowError, ModelCallError
+from rlm_graph.errors import ConfigError, ContextWindowError, ModelCallError, StoreError
 from rlm_graph.result import Usage
 from rlm_graph.tokens import ensure_offline_litellm, token_counter
 
@@ -72,12 +72,12 @@ class Completion:
 class CallLog(Protocol):
     """Where finished model calls are recorded, keyed by what was sent."""
 
-    def get(self, key: str) -> Completion | None:
+    async def get(self, key: str) -> Completion | None:
         """Return the recorded completion for ``key``, if any."""
         ...
 
-    def put(self, key: str, completion: Completion) -> None:
-        """Record a completion as soon as it returns."""
+    async def put(self, key: str, completion: Completion) -> None:
+        """Record a completion as soon as it returns (durably, when this returns)."""
         ...
 
 
@@ -87,11 +87,11 @@ class MemoryCallLog:
     def __init__(self) -> None:
         self._entries: dict[str, Completion] = {}
 
-    def get(self, key: str) -> Completion | None:
+    async def get(self, key: str) -> Completion | None:
         """Return the recorded completion for ``key``, if any."""
         return self._entries.get(key)
 
-    def put(self, key: str, completion: Completion) -> None:
+    async def put(self, key: str, completion: Completion) -> None:
         """Record a completion."""
         self._entries[key] = completion
 
@@ -178,21 +178,20 @@ class ModelClient:
                 "json_schema": {"name": "answer", "schema": schema, "strict": False},
             }
         key = call_key(self.models[role], messages, params)
-        recorded = self.call_log.get(key)
+        recorded = await self.call_log.get(key)
         if recorded is not None:
             completion = _replace(recorded, cached=True)
             self.usage.cached_calls += 1
             self._notify(role, completion)
             return completion
 
-        completion = await self._send_with_retries(role, messages, params)
-        self.call_log.put(key, completion)
+        completion = await self._send_with_retries(role, messages, params, key)
         self._notify(role, completion)
 
         return completion
 
     async def _send_with_retries(
-        self, role: Role, messages: list[dict[str, str]], params: dict[str, Any]
+        self, role: Role, messages: list[dict[str, str]], params: dict[str, Any], key: str
     ) -> Completion:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.config.max_retries + 1),
@@ -204,15 +203,15 @@ class ModelClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._send_once(role, messages, params)
-        except ModelCallError:
+                    return await self._send_once(role, messages, params, key)
+        except (ModelCallError, StoreError):
             raise
         except Exception as exc:
             raise self._translate(role, exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _send_once(
-        self, role: Role, messages: list[dict[str, str]], params: dict[str, Any]
+        self, role: Role, messages: list[dict[str, str]], params: dict[str, Any], key: str
     ) -> Completion:
         async with self._semaphore:
             self.usage.calls += 1
@@ -222,8 +221,11 @@ class ModelClient:
                 self.router.acompletion(model=role, messages=messages, metadata={}, **params),
                 timeout=self.config.timeout_s + 5,
             )
-        completion = self._completion_from(role, messages, response)
-        _raise_if_error_body(response)
+            completion = self._completion_from(role, messages, response)
+            _raise_if_error_body(response)
+            # Recorded before the slot is freed: at any moment at most
+            # `concurrency` calls are paid for and not yet in the call log.
+            await self.call_log.put(key, completion)
         logger.debug(
             "%s call to %s: %d+%d tokens, %s, %.2f s", role, self.models[role],
             completion.prompt_tokens, completion.completion_tokens,

@@ -26,6 +26,7 @@ __all__ = [
     "SourceFile",
     "decode_bytes",
     "load_source",
+    "source_from_documents",
     "source_from_text",
 ]
 
@@ -107,6 +108,11 @@ def source_from_text(text: str, name: str = "<text>") -> Source:
         msg = f"{name} is empty: there is nothing to ask a question about."
         raise SourceError(msg)
     return _join([(name, text)])
+
+
+def source_from_documents(documents: list[tuple[str, str]]) -> Source:
+    """Build a source from ``(name, text)`` pairs, joined as :func:`load_source` joins files."""
+    return _join(documents)
 
 
 def load_source(

@@ -20,6 +20,15 @@ os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
 
 from rlm_graph.testing import ModelRequest, Reply, ScriptedModel  # noqa: E402
 
+
+
+@pytest.fixture(autouse=True)
+def _store_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every run of a test is checkpointed in a fresh SQLite file, never in the user's store."""
+    folder = tmp_path_factory.mktemp("store")
+    monkeypatch.setenv("RLM_GRAPH_STORE", str(folder / "store.sqlite"))
+
+
 EXCERPT = re.compile(r"<<<\n(.*)\n>>>", re.DOTALL)
 
 
@@ -107,3 +116,24 @@ def numbered_paragraphs(count: int, *, needle_at: dict[int, str] | None = None, 
         extra = (needle_at or {}).get(index, "")
         paragraphs.append(f"Paragraph {index}. {' '.join(body)}. {extra}".strip())
     return "\n\n".join(paragraphs) + "\n"
+
+
+POSTGRES_URL = os.environ.get("RLM_GRAPH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A store URL on the real PostgreSQL server, in a schema of its own (dropped after)."""
+    import uuid
+
+    import psycopg
+
+    schema = f"rlm_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE SCHEMA "{schema}"')
+    except psycopg.OperationalError as exc:  # pragma: no cover - depends on the machine
+        pytest.fail(f"PostgreSQL at {POSTGRES_URL} is needed for this test: {exc}")
+    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')

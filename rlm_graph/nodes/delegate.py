@@ -12,6 +12,7 @@ subtree never waits for a slow sibling and each finished call survives a crash.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,7 @@ from rlm_graph.nodes.types import Answer, Outcome, Plan, Task
 from rlm_graph.nodes.verify import Verdict, parse_json_reply, verify_leaf
 from rlm_graph.source import Source
 from rlm_graph.split import split_span
+from rlm_graph.tree import Group, boundary_levels, child_groups, root_height
 
 __all__ = ["CallResult", "Decision", "Engine", "Event"]
 
@@ -49,7 +51,7 @@ _META_ANSWER = re.compile(
 class Event:
     """Progress of a run, for displays and logs."""
 
-    kind: Literal["task_started", "task_done", "call_done"]
+    kind: Literal["run_started", "task_started", "task_done", "call_done"]
     task_id: str = ""
     depth: int = 0
     data: dict[str, Any] = field(default_factory=dict)
@@ -120,12 +122,21 @@ class Engine:
         self.config = config
         self.plan = plan
         self.client = client
-        self._emit = emit or (lambda event: None)
+        self._listeners: list[Callable[[Event], None]] = [emit] if emit else []
         self._filter = re.compile(plan.filter, re.IGNORECASE) if plan.filter else None
         self.call: CallFn = self.call_model
         """How stages call a model; the graph swaps in a durable task."""
         self.spawn: SpawnFn = self.solve
         """How a task starts a child; the graph swaps in a durable task."""
+
+    def emit(self, event: Event) -> None:
+        """Send a progress event to every listener."""
+        for listener in self._listeners:
+            listener(event)
+
+    def add_listener(self, listener: Callable[[Event], None]) -> None:
+        """Also send progress events to ``listener``."""
+        self._listeners.append(listener)
 
     # -- split --------------------------------------------------------------
 
@@ -143,6 +154,10 @@ class Engine:
         """
         if not finer and task.tokens <= self.plan.leaf_tokens:
             return []
+        if not finer:
+            group = self._group_of(task)
+            if group is not None:
+                return self._group_children(task, group)
         if finer:
             budget = max(MIN_LEAF_TOKENS, (task.tokens + 1) // 2)
         else:
@@ -164,6 +179,49 @@ class Engine:
                 question=self.plan.sub_question, tokens=self.count(start, end),
             )
             for index, (start, end) in enumerate(spans)
+        ]
+
+    @functools.cached_property
+    def leaf_spans(self) -> list[tuple[int, int]]:
+        """The whole source cut into leaf spans once, from its start (stable under edits)."""
+        overlap = min(self.plan.overlap_tokens, self.plan.leaf_tokens // 4)
+        return split_span(
+            self.source.text, 0, len(self.source.text),
+            max_tokens=self.plan.leaf_tokens,
+            count_tokens=lambda text: self.client.count_tokens("worker", text),
+            overlap_tokens=overlap,
+            hard_boundaries=self.source.file_starts,
+        )
+
+    @functools.cached_property
+    def _leaf_tokens(self) -> list[int]:
+        return [self.count(start, end) for start, end in self.leaf_spans]
+
+    @functools.cached_property
+    def _levels(self) -> list[int]:
+        texts = [self.source.text[start:end] for start, end in self.leaf_spans]
+        return boundary_levels(texts, self.plan.fan_out)
+
+    def _group_of(self, task: Task) -> Group | None:
+        if task.leaves is not None:
+            return Group(task.leaves[0], task.leaves[1], task.height)
+        if task.start == 0 and task.end == len(self.source.text):
+            return Group(0, len(self.leaf_spans), root_height(self._levels))
+        return None
+
+    def _group_children(self, task: Task, group: Group) -> list[Task]:
+        if group.size < 2:
+            return []
+        last_level = task.depth + 1 >= self.plan.max_depth
+        groups = child_groups(self._levels, group, fan_out=self.plan.fan_out, last_level=last_level)
+        spans = self.leaf_spans
+        return [
+            Task(
+                id=f"{task.id}.{index}", start=spans[g.first][0], end=spans[g.stop - 1][1],
+                depth=task.depth + 1, question=self.plan.sub_question,
+                tokens=sum(self._leaf_tokens[g.first : g.stop]), leaves=(g.first, g.stop), height=g.height,
+            )
+            for index, g in enumerate(groups)
         ]
 
     def passes_filter(self, task: Task) -> bool:
@@ -315,16 +373,18 @@ class Engine:
 
     async def solve(self, task: Task) -> Outcome:
         """Run split, delegate, verify and merge for one task and its subtree."""
-        self._emit(Event("task_started", task.id, task.depth, {"tokens": task.tokens}))
+        self.emit(Event("task_started", task.id, task.depth, {
+            "tokens": task.tokens, "start": task.start, "end": task.end,
+        }))
         if not self.passes_filter(task):
-            self._emit(Event("task_done", task.id, task.depth, {"status": "skipped"}))
+            self.emit(Event("task_done", task.id, task.depth, {"status": "skipped"}))
             return Outcome(task=task, answer=Answer(kind=self.plan.kind, found=False), verdict="skipped")
         children = self.split(task)
         if children:
             outcome = await self.solve_children(task, children)
         else:
             outcome = await self.solve_leaf(task)
-        self._emit(Event("task_done", task.id, task.depth, {"status": outcome.status}))
+        self.emit(Event("task_done", task.id, task.depth, {"status": outcome.status}))
 
         return outcome
 

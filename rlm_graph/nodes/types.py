@@ -30,6 +30,10 @@ class Task(_Record):
     question: str
     tokens: int = Field(ge=0)
     """Worker-tokenizer length of the span."""
+    leaves: tuple[int, int] | None = None
+    """The run of leaf spans ``[first, stop)`` this task covers (see :mod:`rlm_graph.tree`)."""
+    height: int = Field(default=0, ge=0)
+    """Its height in the content-defined tree: 0 for a single leaf."""
 
     @model_validator(mode="after")
     def _ordered(self) -> Task:
