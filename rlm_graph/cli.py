@@ -478,6 +478,7 @@ def _configure_logging(verbose: int, debug: bool) -> None:
 @click.option("--token", envvar="RLM_GRAPH_SERVE_TOKEN", help="Bearer token clients must send (or RLM_GRAPH_SERVE_TOKEN).")
 @click.option("--max-request-mb", default=16.0, show_default=True, type=float, help="Largest request body, in MB.")
 @click.option("--max-runs", default=2, show_default=True, type=int, help="Runs at once; more requests wait.")
+@click.option("--store", "store", help="Where runs are recorded: a SQLite file or a PostgreSQL URL.")
 @click.option("--model", help="Root model: any LiteLLM name (default: the embedded model).")
 @click.option("--worker-model", help="Model for leaf calls (default: --model).")
 @click.option("--api-base", help="Base URL of an OpenAI-compatible, Ollama or vLLM server.")
@@ -489,7 +490,7 @@ def _configure_logging(verbose: int, debug: bool) -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def serve_command(
     host: str, port: int, token: str | None, max_request_mb: float, max_runs: int,
-    verbose: int, debug: bool, **options: Any,
+    store: str | None, verbose: int, debug: bool, **options: Any,
 ) -> None:
     """Serve rlm-graph as an OpenAI-compatible chat model over HTTP.
 
@@ -510,7 +511,7 @@ def serve_command(
         try:
             config = RunConfig(**settings)
             serve_settings = ServeSettings(
-                host=host, port=port, token=token, max_runs=max_runs,
+                host=host, port=port, token=token, max_runs=max_runs, store=store,
                 max_request_bytes=int(max_request_mb * 1024 * 1024),
             )
         except ValidationError as exc:

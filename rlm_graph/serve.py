@@ -77,6 +77,10 @@ class ServeSettings(BaseModel):
     models concurrently, up to the run's ``concurrency``)."""
     with_citations: bool = True
     """Append the supporting quotes to each answer's text."""
+    store: str | None = None
+    """Where runs are recorded (a SQLite file or a PostgreSQL URL); None:
+    ``$RLM_GRAPH_STORE``, else the per-user store. The run id in each reply's
+    ``rlm_graph`` field names the run there (``rlm-graph show``/``resume``)."""
 
 
 class _Message(BaseModel):
@@ -243,7 +247,9 @@ class _Endpoint:
     async def _run(self, question: str, text: str, settings: dict[str, Any]) -> Result:
         async with self.runs:
             try:
-                return await arun(question, text=text, config=self.config, **settings)
+                return await arun(
+                    question, text=text, config=self.config, store=self.settings.store, **settings
+                )
             except (ConfigError, SourceError) as exc:
                 raise _bad_request(str(exc)) from exc
             except ModelCallError as exc:

@@ -34,7 +34,8 @@ def run_example(name: str, env: dict[str, str], *args: str) -> str:
 
 
 def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("RLM_GRAPH_")}
+    # RLM_GRAPH_STORE stays: the tests' runs are recorded in a temporary store.
+    return {k: v for k, v in os.environ.items() if not k.startswith("RLM_GRAPH_") or k == "RLM_GRAPH_STORE"}
 
 
 def test_every_example_is_covered():

@@ -50,6 +50,9 @@ class ChatRlmGraph(BaseChatModel):
     """More :class:`~rlm_graph.RunConfig` fields (``context_window``, ...)."""
     with_citations: bool = True
     """Append the supporting quotes to the reply's text."""
+    store: str | None = None
+    """Where runs are recorded (SQLite file or PostgreSQL URL); None:
+    ``$RLM_GRAPH_STORE``, else the per-user store."""
 
     @property
     def _llm_type(self) -> str:
@@ -82,7 +85,10 @@ class ChatRlmGraph(BaseChatModel):
             settings["model"] = self.model
         if self.worker_model is not None:
             settings["worker_model"] = self.worker_model
-        result = await arun(asked.question, text=asked.text, config=self.config, on_event=on_event, **settings)
+        result = await arun(
+            asked.question, text=asked.text, config=self.config, on_event=on_event,
+            store=self.store, **settings,
+        )
         message = AIMessage(
             content=answer_text(result, with_citations=self.with_citations),
             usage_metadata=_usage_metadata(result),

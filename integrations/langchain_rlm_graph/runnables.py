@@ -43,6 +43,9 @@ class RlmGraphRunnable(RunnableSerializable[RlmGraphInput | dict[str, Any], Resu
     """Settings of every run; None reads ``RLM_GRAPH_*`` variables."""
     settings: dict[str, Any] = Field(default_factory=dict)
     """:class:`~rlm_graph.RunConfig` fields overriding ``config``."""
+    store: str | None = None
+    """Where runs are recorded (SQLite file or PostgreSQL URL); None:
+    ``$RLM_GRAPH_STORE``, else the per-user store."""
 
     def __init__(self, **kwargs: Any) -> None:
         """Create the runnable; unknown keywords are :class:`~rlm_graph.RunConfig` fields."""
@@ -85,5 +88,5 @@ class RlmGraphRunnable(RunnableSerializable[RlmGraphInput | dict[str, Any], Resu
     async def _run(self, asked: RlmGraphInput, on_event: Any) -> Result:
         return await arun(
             asked.question, asked.paths, text=asked.text, config=self.config,
-            on_event=on_event, **self.settings,
+            on_event=on_event, store=self.store, **self.settings,
         )

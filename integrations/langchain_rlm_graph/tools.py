@@ -70,6 +70,9 @@ class RlmGraphTool(BaseTool):
     tool was made); None lets it read any path the process can."""
     with_citations: bool = True
     """Append the supporting quotes to the answer the agent reads."""
+    store: str | None = None
+    """Where runs are recorded (SQLite file or PostgreSQL URL); None:
+    ``$RLM_GRAPH_STORE``, else the per-user store."""
 
     def __init__(self, **kwargs: Any) -> None:
         """Create the tool; unknown keywords are :class:`~rlm_graph.RunConfig` fields."""
@@ -100,7 +103,7 @@ class RlmGraphTool(BaseTool):
         try:
             files = check_paths(paths, self.root_dir) if paths else None
             result = await arun(
-                question, files, text=text, config=self.config, on_event=on_event, **self.settings
+                question, files, text=text, config=self.config, on_event=on_event, store=self.store, **self.settings
             )
             return answer_text(result, with_citations=self.with_citations), result
         except (ConfigError, SourceError, ModelCallError, ValueError) as exc:

@@ -61,13 +61,16 @@ class RlmGraphProvider(CustomLLM):
     """
 
     def __init__(
-        self, config: RunConfig | None = None, *, with_citations: bool = True, **settings: Any
+        self, config: RunConfig | None = None, *, with_citations: bool = True,
+        store: str | None = None, **settings: Any,
     ) -> None:
         """Create the provider; calls reach it after :func:`register`.
 
         Args:
             config: settings for every run; None reads ``RLM_GRAPH_*`` variables.
             with_citations: append the supporting quotes to each answer's text.
+            store: where runs are recorded (SQLite file or PostgreSQL URL); None:
+                ``$RLM_GRAPH_STORE``, else the per-user store.
             **settings: :class:`~rlm_graph.RunConfig` fields overriding ``config``.
                 ``model`` (the root model) defaults to the worker model named
                 in each call.
@@ -76,6 +79,7 @@ class RlmGraphProvider(CustomLLM):
         self.config = config
         self.settings = settings
         self.with_citations = with_citations
+        self.store = store
 
     def completion(self, model: str, messages: list[Any], *args: Any, **kwargs: Any) -> ModelResponse:
         """Answer a blocking ``litellm.completion`` call; LiteLLM calls this."""
@@ -127,7 +131,9 @@ class RlmGraphProvider(CustomLLM):
         settings = self._settings_for(model, kwargs)
         try:
             asked = question_from_messages(messages)
-            return await arun(asked.question, text=asked.text, config=self.config, **settings)
+            return await arun(
+                asked.question, text=asked.text, config=self.config, store=self.store, **settings
+            )
         except (ConfigError, SourceError) as exc:
             raise litellm.BadRequestError(str(exc), model=f"{PROVIDER}/{model}", llm_provider=PROVIDER) from exc
         except ModelCallError as exc:
@@ -163,7 +169,8 @@ class RlmGraphProvider(CustomLLM):
 
 
 def register(
-    config: RunConfig | None = None, *, with_citations: bool = True, **settings: Any
+    config: RunConfig | None = None, *, with_citations: bool = True,
+    store: str | None = None, **settings: Any,
 ) -> RlmGraphProvider:
     """Make ``litellm.completion(model="rlm/<worker model>", ...)`` reach rlm-graph.
 
@@ -173,7 +180,7 @@ def register(
     Returns:
         The registered provider.
     """
-    provider = RlmGraphProvider(config, with_citations=with_citations, **settings)
+    provider = RlmGraphProvider(config, with_citations=with_citations, store=store, **settings)
     others = [e for e in litellm.custom_provider_map if e["provider"] != PROVIDER]
     litellm.custom_provider_map = [*others, {"provider": PROVIDER, "custom_handler": provider}]
     # LiteLLM runs this setup on each call; running it now lets a Router built
