@@ -29,20 +29,32 @@ CHATS = 40
 
 def import_time(module: str) -> float:
     code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
-    runs = [float(subprocess.check_output([sys.executable, "-c", code])) for _ in range(3)]
+    runs = [
+        float(subprocess.check_output([sys.executable, "-c", code])) for _ in range(3)
+    ]
     return min(runs)
 
 
 def main() -> None:
     print(f"import aiohttp.web: {import_time('aiohttp.web') * 1000:.0f} ms (min of 3)")
-    print(f"import starlette.applications, uvicorn: "
-          f"{import_time('starlette.applications, uvicorn') * 1000:.0f} ms (min of 3)")
+    print(
+        f"import starlette.applications, uvicorn: "
+        f"{import_time('starlette.applications, uvicorn') * 1000:.0f} ms (min of 3)"
+    )
 
     reply = json.dumps({"relevant": True, "quote": "The lamp is lit.", "answer": "lit"})
     config = RunConfig(model="scripted/m", context_window=4096)
-    body = {"model": "rlm/scripted/m", "messages": [
-        {"role": "system", "content": "The lamp is lit."}, {"role": "user", "content": "Is the lamp lit?"}]}
-    with ScriptedModel(lambda request: reply), serve_in_thread(config, ServeSettings(port=0)) as url:
+    body = {
+        "model": "rlm/scripted/m",
+        "messages": [
+            {"role": "system", "content": "The lamp is lit."},
+            {"role": "user", "content": "Is the lamp lit?"},
+        ],
+    }
+    with (
+        ScriptedModel(lambda request: reply),
+        serve_in_thread(config, ServeSettings(port=0)) as url,
+    ):
         with httpx.Client() as client:
             client.get(f"{url}/models")
             models = []
@@ -53,12 +65,16 @@ def main() -> None:
             chats = []
             for _ in range(CHATS):
                 t = time.perf_counter()
-                client.post(f"{url}/chat/completions", json=body, timeout=60).raise_for_status()
+                client.post(
+                    f"{url}/chat/completions", json=body, timeout=60
+                ).raise_for_status()
                 chats.append(time.perf_counter() - t)
 
         def one(_: int) -> float:
             t = time.perf_counter()
-            httpx.post(f"{url}/chat/completions", json=body, timeout=60).raise_for_status()
+            httpx.post(
+                f"{url}/chat/completions", json=body, timeout=60
+            ).raise_for_status()
             return time.perf_counter() - t
 
         started = time.perf_counter()
@@ -66,10 +82,16 @@ def main() -> None:
             parallel = list(pool.map(one, range(CHATS)))
         wall = time.perf_counter() - started
 
-    print(f"GET /v1/models: median {statistics.median(models) * 1000:.2f} ms over {ROUNDS}")
-    print(f"chat completion, one leaf call: median {statistics.median(chats) * 1000:.1f} ms over {CHATS}")
-    print(f"8 clients, {CHATS} chats: {CHATS / wall:.1f} requests/s, "
-          f"median {statistics.median(parallel) * 1000:.0f} ms (max_runs=2)")
+    print(
+        f"GET /v1/models: median {statistics.median(models) * 1000:.2f} ms over {ROUNDS}"
+    )
+    print(
+        f"chat completion, one leaf call: median {statistics.median(chats) * 1000:.1f} ms over {CHATS}"
+    )
+    print(
+        f"8 clients, {CHATS} chats: {CHATS / wall:.1f} requests/s, "
+        f"median {statistics.median(parallel) * 1000:.0f} ms (max_runs=2)"
+    )
 
 
 if __name__ == "__main__":

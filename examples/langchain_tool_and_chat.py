@@ -16,7 +16,12 @@ from typing import Any
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import HumanMessage, SystemMessage
 from langchain_core.runnables import RunnableLambda
-from langchain_rlm_graph import PROGRESS_EVENT, ChatRlmGraph, RlmGraphRunnable, RlmGraphTool
+from langchain_rlm_graph import (
+    PROGRESS_EVENT,
+    ChatRlmGraph,
+    RlmGraphRunnable,
+    RlmGraphTool,
+)
 
 HERE = Path(__file__).parent
 QUESTION = "What were the names of the three sisters in the Dormouse's story?"
@@ -32,19 +37,32 @@ class PrintProgress(BaseCallbackHandler):
 
 def main() -> None:
     tool = RlmGraphTool(root_dir=HERE, filter="sisters")
-    message = tool.invoke({
-        "type": "tool_call", "id": "call-1", "name": tool.name,
-        "args": {"question": QUESTION, "paths": ["alice_in_wonderland.txt"]},
-    })
+    message = tool.invoke(
+        {
+            "type": "tool_call",
+            "id": "call-1",
+            "name": tool.name,
+            "args": {"question": QUESTION, "paths": ["alice_in_wonderland.txt"]},
+        }
+    )
     answer = message.content.split("\n\nSources:")[0]
     print("tool:", answer, f"({len(message.artifact.citations)} citations)")
 
-    chain = RlmGraphRunnable(filter="sisters") | RunnableLambda(lambda result: result.answer)
-    print("chain:", chain.invoke({"question": QUESTION, "paths": [str(HERE / "alice_in_wonderland.txt")]}))
+    chain = RlmGraphRunnable(filter="sisters") | RunnableLambda(
+        lambda result: result.answer
+    )
+    print(
+        "chain:",
+        chain.invoke(
+            {"question": QUESTION, "paths": [str(HERE / "alice_in_wonderland.txt")]}
+        ),
+    )
 
     llm = ChatRlmGraph(settings={"filter": "sisters"}, with_citations=False)
     book = (HERE / "alice_in_wonderland.txt").read_text(encoding="utf-8")
-    reply = llm.invoke([SystemMessage(book), HumanMessage(QUESTION)], {"callbacks": [PrintProgress()]})
+    reply = llm.invoke(
+        [SystemMessage(book), HumanMessage(QUESTION)], {"callbacks": [PrintProgress()]}
+    )
     print("chat model:", reply.content, reply.usage_metadata)
 
 

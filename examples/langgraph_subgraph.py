@@ -29,15 +29,20 @@ class Research(TypedDict, total=False):
     summary: str
 
 
-def build(checkpointer: AsyncSqliteSaver):  # noqa: ANN201  (a compiled graph)
+def build(checkpointer: AsyncSqliteSaver):
     builder = StateGraph(Research)
-    builder.add_node("research", rlm_node(
-        question=lambda s: f"What were the names of the {s['topic']}?",
-        paths=lambda s: s["files"],
-        output=lambda result: {"findings": result.answer},
-        filter="sisters",
-    ))
-    builder.add_node("summarise", lambda s: {"summary": f"{s['topic']}: {s['findings']}"})
+    builder.add_node(
+        "research",
+        rlm_node(
+            question=lambda s: f"What were the names of the {s['topic']}?",
+            paths=lambda s: s["files"],
+            output=lambda result: {"findings": result.answer},
+            filter="sisters",
+        ),
+    )
+    builder.add_node(
+        "summarise", lambda s: {"summary": f"{s['topic']}: {s['findings']}"}
+    )
     builder.add_edge(START, "research")
     builder.add_edge("research", "summarise")
     builder.add_edge("summarise", END)
@@ -46,14 +51,22 @@ def build(checkpointer: AsyncSqliteSaver):  # noqa: ANN201  (a compiled graph)
 
 async def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
-        async with AsyncSqliteSaver.from_conn_string(str(Path(folder) / "checkpoints.db")) as saver:
+        async with AsyncSqliteSaver.from_conn_string(
+            str(Path(folder) / "checkpoints.db")
+        ) as saver:
             graph = build(saver)
             config = {"configurable": {"thread_id": "alice-1"}}
             state = await graph.ainvoke(
-                {"topic": "three sisters in the Dormouse's story", "files": [str(BOOK)]}, config
+                {
+                    "topic": "three sisters in the Dormouse's story",
+                    "files": [str(BOOK)],
+                },
+                config,
             )
             print(state["summary"])
-            rows = await saver.conn.execute("SELECT DISTINCT checkpoint_ns FROM checkpoints")
+            rows = await saver.conn.execute(
+                "SELECT DISTINCT checkpoint_ns FROM checkpoints"
+            )
             namespaces = sorted(row[0] for row in await rows.fetchall())
             print("checkpoint namespaces in the parent's thread:", namespaces)
 

@@ -31,8 +31,10 @@ def main() -> None:
     )
 
     print(response.choices[0].message.content)
-    print(f"model {response.model}; usage {response.usage.prompt_tokens} prompt + "
-          f"{response.usage.completion_tokens} completion tokens")
+    print(
+        f"model {response.model}; usage {response.usage.prompt_tokens} prompt + "
+        f"{response.usage.completion_tokens} completion tokens"
+    )
 
 
 if __name__ == "__main__":

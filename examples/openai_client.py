@@ -35,7 +35,9 @@ def main() -> None:
         )
 
     print(response.choices[0].message.content)
-    print(f"usage: {response.usage.total_tokens} tokens; run {response.model_extra['rlm_graph']['run_id']}")
+    print(
+        f"usage: {response.usage.total_tokens} tokens; run {response.model_extra['rlm_graph']['run_id']}"
+    )
 
 
 if __name__ == "__main__":

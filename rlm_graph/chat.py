@@ -57,7 +57,9 @@ def question_from_messages(messages: Sequence[Mapping[str, Any]]) -> ChatQuestio
         msg = "The request has no messages; send at least one user message."
         raise ConfigError(msg)
     texts = [(str(m.get("role", "")), content_text(m.get("content"))) for m in messages]
-    last_user = max((i for i, (role, _) in enumerate(texts) if role == "user"), default=None)
+    last_user = max(
+        (i for i, (role, _) in enumerate(texts) if role == "user"), default=None
+    )
     if last_user is None:
         msg = "The request has no user message; the last user message is the question."
         raise ConfigError(msg)
@@ -86,7 +88,9 @@ def answer_text(result: Result, *, with_citations: bool = True) -> str:
             a chat reply would otherwise pass an empty answer off as one.
     """
     if result.status == "failed":
-        reasons = "; ".join(sorted({f.reason for f in result.failures})) or "no span answered"
+        reasons = (
+            "; ".join(sorted({f.reason for f in result.failures})) or "no span answered"
+        )
         msg = f"The run {result.run_id} failed: {reasons}."
         raise ModelCallError(msg)
     if not result.found or result.answer is None:
@@ -126,7 +130,11 @@ def content_text(content: Any) -> str:
             elif isinstance(part, Mapping) and part.get("type") == "text":
                 parts.append(str(part.get("text", "")))
             else:
-                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                kind = (
+                    part.get("type")
+                    if isinstance(part, Mapping)
+                    else type(part).__name__
+                )
                 msg = f"Content of type {kind!r} is not supported; rlm-graph reads text only."
                 raise ConfigError(msg)
         return "".join(parts)

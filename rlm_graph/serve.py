@@ -106,7 +106,9 @@ def served_model_id(config: RunConfig) -> str:
     return f"rlm/{config.leaf_model}"
 
 
-def create_app(config: RunConfig, settings: ServeSettings | None = None) -> web.Application:
+def create_app(
+    config: RunConfig, settings: ServeSettings | None = None
+) -> web.Application:
     """Build the aiohttp application; run it with :func:`serve`.
 
     Raises:
@@ -153,7 +155,10 @@ async def serve(
 
 @contextmanager
 def serve_in_thread(
-    config: RunConfig, settings: ServeSettings | None = None, *, start_timeout_s: float = 30.0
+    config: RunConfig,
+    settings: ServeSettings | None = None,
+    *,
+    start_timeout_s: float = 30.0,
 ) -> Iterator[str]:
     """Serve from a background thread for the ``with`` block; yields the base URL.
 
@@ -219,7 +224,12 @@ class _Endpoint:
         self.runs = asyncio.Semaphore(settings.max_runs)
 
     async def models(self, request: web.Request) -> web.Response:
-        entry = {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "rlm-graph"}
+        entry = {
+            "id": self.model_id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "rlm-graph",
+        }
         return web.json_response({"object": "list", "data": [entry]})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -230,16 +240,26 @@ class _Endpoint:
             raise _bad_request(_first_problem(exc), param=_first_param(exc)) from exc
         if chat.model != self.model_id:
             msg = f"Model {chat.model!r} is not served here; use {self.model_id!r} (GET /v1/models)."
-            raise _error(404, msg, kind="invalid_request_error", code="model_not_found", param="model")
+            raise _error(
+                404,
+                msg,
+                kind="invalid_request_error",
+                code="model_not_found",
+                param="model",
+            )
         try:
             asked = question_from_messages([m.model_dump() for m in chat.messages])
         except ConfigError as exc:
             raise _bad_request(str(exc), param="messages") from exc
 
-        settings = {"temperature": chat.temperature} if chat.temperature is not None else {}
+        settings = (
+            {"temperature": chat.temperature} if chat.temperature is not None else {}
+        )
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if chat.stream:
-            return await self._stream(request, chat, completion_id, asked.question, asked.text, settings)
+            return await self._stream(
+                request, chat, completion_id, asked.question, asked.text, settings
+            )
         result = await self._run(asked.question, asked.text, settings)
 
         return web.json_response(self._completion(completion_id, result))
@@ -248,13 +268,19 @@ class _Endpoint:
         async with self.runs:
             try:
                 return await arun(
-                    question, text=text, config=self.config, store=self.settings.store, **settings
+                    question,
+                    text=text,
+                    config=self.config,
+                    store=self.settings.store,
+                    **settings,
                 )
             except (ConfigError, SourceError) as exc:
                 raise _bad_request(str(exc)) from exc
             except ModelCallError as exc:
                 logger.warning("a run failed: %s", exc)
-                raise _error(502, str(exc), kind="upstream_error", code="model_error") from exc
+                raise _error(
+                    502, str(exc), kind="upstream_error", code="model_error"
+                ) from exc
 
     def _completion(self, completion_id: str, result: Result) -> dict[str, Any]:
         content = self._content(result)
@@ -263,11 +289,13 @@ class _Endpoint:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.model_id,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "finish_reason": "stop",
-            }],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "stop",
+                }
+            ],
             "usage": _usage(result),
             "rlm_graph": _extension(result),
         }
@@ -276,11 +304,18 @@ class _Endpoint:
         try:
             return answer_text(result, with_citations=self.settings.with_citations)
         except ModelCallError as exc:
-            raise _error(502, str(exc), kind="upstream_error", code="run_failed") from exc
+            raise _error(
+                502, str(exc), kind="upstream_error", code="run_failed"
+            ) from exc
 
     async def _stream(
-        self, request: web.Request, chat: _ChatRequest, completion_id: str,
-        question: str, text: str, settings: dict[str, Any],
+        self,
+        request: web.Request,
+        chat: _ChatRequest,
+        completion_id: str,
+        question: str,
+        text: str,
+        settings: dict[str, Any],
     ) -> web.StreamResponse:
         # Start the run before answering 200, so that errors found before any
         # model call (a bad setting, an empty source) still come back as 4xx.
@@ -289,7 +324,9 @@ class _Endpoint:
         if run_task in done and run_task.exception() is not None:
             raise run_task.exception()  # type: ignore[misc]  # checked just above
 
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
         await response.prepare(request)
         while not run_task.done():
             await response.write(b": running\n\n")
@@ -302,11 +339,37 @@ class _Endpoint:
             await response.write(b"data: [DONE]\n\n")
             return response
 
-        base = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model_id}
-        await _send_event(response, {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": content}, "finish_reason": None}]})
-        await _send_event(response, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "rlm_graph": _extension(result)})
+        base = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": self.model_id,
+        }
+        await _send_event(
+            response,
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": content},
+                        "finish_reason": None,
+                    }
+                ],
+            },
+        )
+        await _send_event(
+            response,
+            {
+                **base,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                "rlm_graph": _extension(result),
+            },
+        )
         if (chat.stream_options or {}).get("include_usage"):
-            await _send_event(response, {**base, "choices": [], "usage": _usage(result)})
+            await _send_event(
+                response, {**base, "choices": [], "usage": _usage(result)}
+            )
         await response.write(b"data: [DONE]\n\n")
 
         return response
@@ -325,8 +388,10 @@ async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamRes
         return _as_json_error(exc)
     except asyncio.CancelledError:
         raise
-    except Exception as exc:
-        logger.exception("unexpected error answering %s %s", request.method, request.path)
+    except Exception:
+        logger.exception(
+            "unexpected error answering %s %s", request.method, request.path
+        )
         msg = "Internal error; the server log has the details."
         return _error(500, msg, kind="server_error").response()
 
@@ -339,9 +404,13 @@ def _make_auth(token: SecretStr | None) -> Any:
         if expected is None:
             return await handler(request)
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), expected
+        ):
             msg = "Missing or wrong bearer token: send 'Authorization: Bearer <token>'."
-            error = _error(401, msg, kind="authentication_error", code="invalid_api_key")
+            error = _error(
+                401, msg, kind="authentication_error", code="invalid_api_key"
+            )
             error.headers["WWW-Authenticate"] = "Bearer"
             raise error
         return await handler(request)
@@ -357,7 +426,9 @@ async def _read_json(request: web.Request, limit_bytes: int) -> Any:
             f"The request body is larger than this server's limit of {limit_bytes:,} "
             "bytes; send a smaller text or raise the limit (rlm-graph serve --max-request-mb)."
         )
-        raise _error(413, msg, kind="invalid_request_error", code="request_too_large") from exc
+        raise _error(
+            413, msg, kind="invalid_request_error", code="request_too_large"
+        ) from exc
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -393,20 +464,31 @@ def _base_url(host: str, runner: web.AppRunner) -> str:
 class _ApiError(Exception):
     """An error answer in OpenAI's shape; the middleware turns it into JSON."""
 
-    def __init__(self, status: int, error: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, error: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(error["message"])
         self.status = status
         self.error = error
         self.headers = headers or {}
 
     def response(self) -> web.Response:
-        return web.json_response({"error": self.error}, status=self.status, headers=self.headers)
+        return web.json_response(
+            {"error": self.error}, status=self.status, headers=self.headers
+        )
 
 
 def _error(
-    status: int, message: str, *, kind: str, code: str | None = None, param: str | None = None,
+    status: int,
+    message: str,
+    *,
+    kind: str,
+    code: str | None = None,
+    param: str | None = None,
 ) -> _ApiError:
-    return _ApiError(status, {"message": message, "type": kind, "param": param, "code": code})
+    return _ApiError(
+        status, {"message": message, "type": kind, "param": param, "code": code}
+    )
 
 
 def _bad_request(message: str, *, param: str | None = None) -> _ApiError:
@@ -419,8 +501,19 @@ def _as_json_error(exc: web.HTTPException) -> web.Response:
         405: f"This endpoint does not take this method; allowed: {exc.headers.get('Allow', '')}.",
     }
     message = messages.get(exc.status, exc.reason)
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": str(exc.status)}}
-    headers = {name: exc.headers[name] for name in ("Allow", "WWW-Authenticate") if name in exc.headers}
+    body = {
+        "error": {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": None,
+            "code": str(exc.status),
+        }
+    }
+    headers = {
+        name: exc.headers[name]
+        for name in ("Allow", "WWW-Authenticate")
+        if name in exc.headers
+    }
 
     return web.json_response(body, status=exc.status, headers=headers)
 

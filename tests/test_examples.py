@@ -27,7 +27,11 @@ SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py"))
 
 def run_example(name: str, env: dict[str, str], *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args], env=env, capture_output=True, text=True, timeout=240,
+        [sys.executable, str(EXAMPLES / name), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert done.returncode == 0, f"{name} failed:\n{done.stderr[-3000:]}"
     return done.stdout
@@ -35,23 +39,34 @@ def run_example(name: str, env: dict[str, str], *args: str) -> str:
 
 def clean_env() -> dict[str, str]:
     # RLM_GRAPH_STORE stays: the tests' runs are recorded in a temporary store.
-    return {k: v for k, v in os.environ.items() if not k.startswith("RLM_GRAPH_") or k == "RLM_GRAPH_STORE"}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("RLM_GRAPH_") or k == "RLM_GRAPH_STORE"
+    }
 
 
 def test_every_example_is_covered():
     assert SCRIPTS == [
-        "langchain_tool_and_chat.py", "langgraph_subgraph.py", "litellm_provider.py",
-        "openai_client.py", "python_api.py",
+        "langchain_tool_and_chat.py",
+        "langgraph_subgraph.py",
+        "litellm_provider.py",
+        "openai_client.py",
+        "python_api.py",
     ]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_example_runs_against_the_http_model_double(name):
-    with FakeOpenAIServer(text_reply(r"names\s+were\s+(Elsie,\s+Lacie,\s+and\s+Tillie)")) as models:
+    with FakeOpenAIServer(
+        text_reply(r"names\s+were\s+(Elsie,\s+Lacie,\s+and\s+Tillie)")
+    ) as models:
         env = {
             **clean_env(),
-            "RLM_GRAPH_MODEL": "openai/fake-model", "RLM_GRAPH_API_BASE": models.api_base,
-            "RLM_GRAPH_API_KEY": "sk-fake", "RLM_GRAPH_CONTEXT_WINDOW": "4096",
+            "RLM_GRAPH_MODEL": "openai/fake-model",
+            "RLM_GRAPH_API_BASE": models.api_base,
+            "RLM_GRAPH_API_KEY": "sk-fake",
+            "RLM_GRAPH_CONTEXT_WINDOW": "4096",
         }
         output = run_example(name, env)
 
@@ -59,9 +74,13 @@ def test_example_runs_against_the_http_model_double(name):
     assert NAMES in flat, output
     assert models.requests, "the example's answer came from model calls"
     if name == "langgraph_subgraph.py":
-        assert "research:" in output, "rlm-graph's checkpoints are in the parent's thread"
+        assert "research:" in output, (
+            "rlm-graph's checkpoints are in the parent's thread"
+        )
     if name == "langchain_tool_and_chat.py":
-        assert re.search(r"task 0\.\d+ done", output), "progress reached the callback handler"
+        assert re.search(r"task 0\.\d+ done", output), (
+            "progress reached the callback handler"
+        )
         assert flat.count(NAMES) == 3, "tool, chain and chat model each answered"
 
 

@@ -36,7 +36,10 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def chat(text: str, **extra: object) -> dict[str, object]:
     return {
         "model": "rlm/scripted/m",
-        "messages": [{"role": "system", "content": text}, {"role": "user", "content": QUESTION}],
+        "messages": [
+            {"role": "system", "content": text},
+            {"role": "user", "content": QUESTION},
+        ],
         **extra,
     }
 
@@ -74,7 +77,11 @@ def test_streaming_sends_openai_chunks_then_done(server):
     client = openai.OpenAI(base_url=url, api_key=TOKEN, max_retries=0)
     text = numbered_paragraphs(40, needle_at={27: NEEDLE})
 
-    chunks = list(client.chat.completions.create(**chat(text, stream=True, stream_options={"include_usage": True})))
+    chunks = list(
+        client.chat.completions.create(
+            **chat(text, stream=True, stream_options={"include_usage": True})
+        )
+    )
 
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert content.startswith("HELIOTROPE")
@@ -86,26 +93,83 @@ def test_streaming_sends_openai_chunks_then_done(server):
     ("method", "path", "body", "headers", "status", "fragment"),
     [
         ("POST", "/chat/completions", chat("x\n\ny"), {}, 401, "bearer token"),
-        ("POST", "/chat/completions", chat("x"), {"Authorization": "Bearer wrong"}, 401, "bearer token"),
+        (
+            "POST",
+            "/chat/completions",
+            chat("x"),
+            {"Authorization": "Bearer wrong"},
+            401,
+            "bearer token",
+        ),
         ("POST", "/chat/completions", b"{not json", AUTH, 400, "not valid JSON"),
-        ("POST", "/chat/completions", {"model": "rlm/scripted/m", "messages": []}, AUTH, 400, "'messages'"),
-        ("POST", "/chat/completions", {"messages": [{"role": "user", "content": "q"}]}, AUTH, 400, "'model'"),
-        ("POST", "/chat/completions", {**chat("x"), "model": "gpt-4o"}, AUTH, 404, "not served here"),
-        ("POST", "/chat/completions", {"model": "rlm/scripted/m", "messages": [{"role": "user", "content": QUESTION}]},
-         AUTH, 400, "Nothing to read besides the question"),
-        ("POST", "/chat/completions", {"model": "rlm/scripted/m", "messages": [{"role": "wizard", "content": "q"}]},
-         AUTH, 400, "messages.0.role"),
-        ("POST", "/chat/completions", chat("x" * 70_000), AUTH, 413, "limit of 65,536 bytes"),
+        (
+            "POST",
+            "/chat/completions",
+            {"model": "rlm/scripted/m", "messages": []},
+            AUTH,
+            400,
+            "'messages'",
+        ),
+        (
+            "POST",
+            "/chat/completions",
+            {"messages": [{"role": "user", "content": "q"}]},
+            AUTH,
+            400,
+            "'model'",
+        ),
+        (
+            "POST",
+            "/chat/completions",
+            {**chat("x"), "model": "gpt-4o"},
+            AUTH,
+            404,
+            "not served here",
+        ),
+        (
+            "POST",
+            "/chat/completions",
+            {
+                "model": "rlm/scripted/m",
+                "messages": [{"role": "user", "content": QUESTION}],
+            },
+            AUTH,
+            400,
+            "Nothing to read besides the question",
+        ),
+        (
+            "POST",
+            "/chat/completions",
+            {
+                "model": "rlm/scripted/m",
+                "messages": [{"role": "wizard", "content": "q"}],
+            },
+            AUTH,
+            400,
+            "messages.0.role",
+        ),
+        (
+            "POST",
+            "/chat/completions",
+            chat("x" * 70_000),
+            AUTH,
+            413,
+            "limit of 65,536 bytes",
+        ),
         ("GET", "/chat/completions", None, AUTH, 405, "allowed: POST"),
         ("GET", "/nowhere", None, AUTH, 404, "No such endpoint"),
     ],
 )
-def test_bad_requests_get_clear_json_4xx_errors(server, method, path, body, headers, status, fragment):
+def test_bad_requests_get_clear_json_4xx_errors(
+    server, method, path, body, headers, status, fragment
+):
     url, double = server
     content = body if isinstance(body, bytes) else None
     payload = None if isinstance(body, bytes) or body is None else body
 
-    response = httpx.request(method, url + path, json=payload, content=content, headers=headers, timeout=30)
+    response = httpx.request(
+        method, url + path, json=payload, content=content, headers=headers, timeout=30
+    )
 
     assert response.status_code == status
     error = response.json()["error"]
@@ -116,11 +180,25 @@ def test_bad_requests_get_clear_json_4xx_errors(server, method, path, body, head
 
 def test_keys_and_tokens_never_reach_responses_or_logs(scripted, caplog):
     scripted(text_reply(r"The secret code word is (\w+)\."))
-    config = RunConfig(model="scripted/m", context_window=4096, chunk_tokens=200, api_key="sk-secret-api-key-77")
+    config = RunConfig(
+        model="scripted/m",
+        context_window=4096,
+        chunk_tokens=200,
+        api_key="sk-secret-api-key-77",
+    )
     caplog.set_level(logging.DEBUG)
     with serve_in_thread(config, ServeSettings(port=0, token=TOKEN)) as url:
-        ok = httpx.post(url + "/chat/completions", json=chat(numbered_paragraphs(20)), headers=AUTH, timeout=60)
-        denied = httpx.post(url + "/chat/completions", json=chat("a"), headers={"Authorization": "Bearer nope"})
+        ok = httpx.post(
+            url + "/chat/completions",
+            json=chat(numbered_paragraphs(20)),
+            headers=AUTH,
+            timeout=60,
+        )
+        denied = httpx.post(
+            url + "/chat/completions",
+            json=chat("a"),
+            headers={"Authorization": "Bearer nope"},
+        )
 
     assert ok.status_code == 200 and denied.status_code == 401
     for text in (ok.text, denied.text, caplog.text):
@@ -139,19 +217,41 @@ def test_cli_serve_answers_and_stops_on_ctrl_c(tmp_path):
     with FakeOpenAIServer(text_reply(r"The secret code word is (\w+)\.")) as models:
         env = {**os.environ, "RLM_GRAPH_SERVE_TOKEN": TOKEN}
         process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "rlm-graph"), "serve", "--port", "0", "--model", "openai/fake-model",
-             "--api-base", models.api_base, "--api-key", "sk-fake", "--context-window", "4096",
-             "--chunk-tokens", "200"],
-            env=env, stderr=subprocess.PIPE, text=True,
+            [
+                str(Path(sys.executable).parent / "rlm-graph"),
+                "serve",
+                "--port",
+                "0",
+                "--model",
+                "openai/fake-model",
+                "--api-base",
+                models.api_base,
+                "--api-key",
+                "sk-fake",
+                "--context-window",
+                "4096",
+                "--chunk-tokens",
+                "200",
+            ],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             url = _announced_url(process)
             response = httpx.post(
-                url + "/chat/completions", headers=AUTH, timeout=60,
-                json={**chat(numbered_paragraphs(30, needle_at={7: NEEDLE})), "model": "rlm/openai/fake-model"},
+                url + "/chat/completions",
+                headers=AUTH,
+                timeout=60,
+                json={
+                    **chat(numbered_paragraphs(30, needle_at={7: NEEDLE})),
+                    "model": "rlm/openai/fake-model",
+                },
             )
             assert response.status_code == 200, response.text
-            assert response.json()["choices"][0]["message"]["content"].startswith("HELIOTROPE")
+            assert response.json()["choices"][0]["message"]["content"].startswith(
+                "HELIOTROPE"
+            )
         finally:
             process.send_signal(signal.SIGINT)
             process.wait(20)

@@ -17,4 +17,10 @@ from langchain_rlm_graph.chat_models import ChatRlmGraph
 from langchain_rlm_graph.runnables import RlmGraphRunnable
 from langchain_rlm_graph.tools import RlmGraphTool
 
-__all__ = ["PROGRESS_EVENT", "ChatRlmGraph", "RlmGraphInput", "RlmGraphRunnable", "RlmGraphTool"]
+__all__ = [
+    "PROGRESS_EVENT",
+    "ChatRlmGraph",
+    "RlmGraphInput",
+    "RlmGraphRunnable",
+    "RlmGraphTool",
+]

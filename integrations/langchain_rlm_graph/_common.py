@@ -14,7 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rlm_graph import ConfigError
 
-__all__ = ["PROGRESS_EVENT", "AsyncProgressRelay", "RlmGraphInput", "SyncProgressRelay", "blocking"]
+__all__ = [
+    "PROGRESS_EVENT",
+    "AsyncProgressRelay",
+    "RlmGraphInput",
+    "SyncProgressRelay",
+    "blocking",
+]
 
 PROGRESS_EVENT = "rlm_graph_progress"
 """Name of the custom callback event carrying a run's progress."""
@@ -27,17 +33,23 @@ class RlmGraphInput(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    question: str = Field(min_length=1, description="The question to answer from the source.")
+    question: str = Field(
+        min_length=1, description="The question to answer from the source."
+    )
     paths: list[str] | None = Field(
         default=None,
         description="Files or folders to read (their text files, recursively). Give paths or text.",
     )
-    text: str | None = Field(default=None, description="A text to read instead of files.")
+    text: str | None = Field(
+        default=None, description="A text to read instead of files."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> RlmGraphInput:
         if bool(self.paths) == bool(self.text):
-            msg = "Give either 'paths' (files or folders) or 'text', exactly one of them."
+            msg = (
+                "Give either 'paths' (files or folders) or 'text', exactly one of them."
+            )
             raise ValueError(msg)
         return self
 
@@ -81,7 +93,12 @@ def check_paths(paths: list[str], root_dir: Path | None) -> list[str]:
 
 def event_data(event: Any) -> dict[str, Any]:
     """A run's progress event as plain, JSON-ready data."""
-    return {"kind": event.kind, "task_id": event.task_id, "depth": event.depth, **event.data}
+    return {
+        "kind": event.kind,
+        "task_id": event.task_id,
+        "depth": event.depth,
+        **event.data,
+    }
 
 
 class SyncProgressRelay:
@@ -93,7 +110,9 @@ class SyncProgressRelay:
 
     def on_event(self, event: Any) -> None:
         """Send one progress event (the run calls this)."""
-        self._manager.on_custom_event(PROGRESS_EVENT, event_data(event), run_id=self._run_id)
+        self._manager.on_custom_event(
+            PROGRESS_EVENT, event_data(event), run_id=self._run_id
+        )
 
 
 class AsyncProgressRelay:
@@ -124,7 +143,9 @@ class AsyncProgressRelay:
 
     async def _relay(self) -> None:
         while (data := await self._queue.get()) is not None:
-            await self._manager.on_custom_event(PROGRESS_EVENT, data, run_id=self._run_id)
+            await self._manager.on_custom_event(
+                PROGRESS_EVENT, data, run_id=self._run_id
+            )
 
 
 def blocking(coroutine: Coroutine[Any, Any, _T]) -> _T:

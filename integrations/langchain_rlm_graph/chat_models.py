@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    CallbackManagerForLLMRun,
+)
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, convert_to_openai_messages
 from langchain_core.outputs import ChatGeneration, ChatResult
@@ -63,19 +66,31 @@ class ChatRlmGraph(BaseChatModel):
         return {"model": self.model, "worker_model": self.worker_model, **self.settings}
 
     def _generate(
-        self, messages: list[BaseMessage], stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> ChatResult:
-        relay = SyncProgressRelay(run_manager.handlers, run_manager.run_id) if run_manager else None
+        relay = (
+            SyncProgressRelay(run_manager.handlers, run_manager.run_id)
+            if run_manager
+            else None
+        )
         return blocking(self._answer(messages, relay.on_event if relay else None))
 
     async def _agenerate(
-        self, messages: list[BaseMessage], stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> ChatResult:
         if run_manager is None:
             return await self._answer(messages, None)
-        async with AsyncProgressRelay(run_manager.handlers, run_manager.run_id) as relay:
+        async with AsyncProgressRelay(
+            run_manager.handlers, run_manager.run_id
+        ) as relay:
             return await self._answer(messages, relay.on_event)
 
     async def _answer(self, messages: list[BaseMessage], on_event: Any) -> ChatResult:
@@ -86,8 +101,12 @@ class ChatRlmGraph(BaseChatModel):
         if self.worker_model is not None:
             settings["worker_model"] = self.worker_model
         result = await arun(
-            asked.question, text=asked.text, config=self.config, on_event=on_event,
-            store=self.store, **settings,
+            asked.question,
+            text=asked.text,
+            config=self.config,
+            on_event=on_event,
+            store=self.store,
+            **settings,
         )
         message = AIMessage(
             content=answer_text(result, with_citations=self.with_citations),

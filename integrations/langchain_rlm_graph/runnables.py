@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForChainRun,
+    CallbackManagerForChainRun,
+)
 from langchain_core.runnables import RunnableConfig, RunnableSerializable
 from pydantic import ConfigDict, Field
 
@@ -55,38 +58,63 @@ class RlmGraphRunnable(RunnableSerializable[RlmGraphInput | dict[str, Any], Resu
         super().__init__(**kwargs)
 
     @property
-    def InputType(self) -> type[RlmGraphInput]:  # noqa: N802  (LangChain's name)
+    def InputType(self) -> type[RlmGraphInput]:
         """The input schema: a question and paths or text."""
         return RlmGraphInput
 
     @property
-    def OutputType(self) -> type[Result]:  # noqa: N802  (LangChain's name)
+    def OutputType(self) -> type[Result]:
         """The output: an :class:`rlm_graph.Result`."""
         return Result
 
-    def invoke(self, input: RlmGraphInput | dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any) -> Result:
+    def invoke(
+        self,
+        input: RlmGraphInput | dict[str, Any],
+        config: RunnableConfig | None = None,
+        **kwargs: Any,
+    ) -> Result:
         """Run the recursion to the end; blocking."""
-        return self._call_with_config(self._invoke, input, config, run_type="chain", **kwargs)
+        return self._call_with_config(
+            self._invoke, input, config, run_type="chain", **kwargs
+        )
 
     async def ainvoke(
-        self, input: RlmGraphInput | dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
+        self,
+        input: RlmGraphInput | dict[str, Any],
+        config: RunnableConfig | None = None,
+        **kwargs: Any,
     ) -> Result:
         """Run the recursion to the end."""
-        return await self._acall_with_config(self._ainvoke, input, config, run_type="chain", **kwargs)
+        return await self._acall_with_config(
+            self._ainvoke, input, config, run_type="chain", **kwargs
+        )
 
-    def _invoke(self, input: RlmGraphInput | dict[str, Any], run_manager: CallbackManagerForChainRun) -> Result:
+    def _invoke(
+        self,
+        input: RlmGraphInput | dict[str, Any],
+        run_manager: CallbackManagerForChainRun,
+    ) -> Result:
         relay = SyncProgressRelay(run_manager.handlers, run_manager.run_id)
         return blocking(self._run(parse_input(input), relay.on_event))
 
     async def _ainvoke(
-        self, input: RlmGraphInput | dict[str, Any], run_manager: AsyncCallbackManagerForChainRun
+        self,
+        input: RlmGraphInput | dict[str, Any],
+        run_manager: AsyncCallbackManagerForChainRun,
     ) -> Result:
         asked = parse_input(input)
-        async with AsyncProgressRelay(run_manager.handlers, run_manager.run_id) as relay:
+        async with AsyncProgressRelay(
+            run_manager.handlers, run_manager.run_id
+        ) as relay:
             return await self._run(asked, relay.on_event)
 
     async def _run(self, asked: RlmGraphInput, on_event: Any) -> Result:
         return await arun(
-            asked.question, asked.paths, text=asked.text, config=self.config,
-            on_event=on_event, store=self.store, **self.settings,
+            asked.question,
+            asked.paths,
+            text=asked.text,
+            config=self.config,
+            on_event=on_event,
+            store=self.store,
+            **self.settings,
         )

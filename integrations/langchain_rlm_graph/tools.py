@@ -6,7 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from langchain_core.callbacks import AsyncCallbackManagerForToolRun, CallbackManagerForToolRun
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForToolRun,
+    CallbackManagerForToolRun,
+)
 from langchain_core.tools import BaseTool, ToolException
 from pydantic import ConfigDict, Field, ValidationError
 
@@ -33,8 +36,13 @@ _DESCRIPTION = (
 
 def _explain_bad_arguments(exc: ValidationError) -> str:
     """Tell the agent what was wrong with its arguments, so it can call again."""
-    problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in exc.errors())
-    return f"Invalid arguments ({problems}). Give 'question' and either 'paths' or 'text'."
+    problems = "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}"
+        for e in exc.errors()
+    )
+    return (
+        f"Invalid arguments ({problems}). Give 'question' and either 'paths' or 'text'."
+    )
 
 
 class RlmGraphTool(BaseTool):
@@ -82,19 +90,33 @@ class RlmGraphTool(BaseTool):
         super().__init__(**kwargs)
 
     def _run(
-        self, question: str, paths: list[str] | None = None, text: str | None = None,
+        self,
+        question: str,
+        paths: list[str] | None = None,
+        text: str | None = None,
         run_manager: CallbackManagerForToolRun | None = None,
     ) -> tuple[str, Result]:
-        relay = SyncProgressRelay(run_manager.handlers, run_manager.run_id) if run_manager else None
-        return blocking(self._answer(question, paths, text, relay.on_event if relay else None))
+        relay = (
+            SyncProgressRelay(run_manager.handlers, run_manager.run_id)
+            if run_manager
+            else None
+        )
+        return blocking(
+            self._answer(question, paths, text, relay.on_event if relay else None)
+        )
 
     async def _arun(
-        self, question: str, paths: list[str] | None = None, text: str | None = None,
+        self,
+        question: str,
+        paths: list[str] | None = None,
+        text: str | None = None,
         run_manager: AsyncCallbackManagerForToolRun | None = None,
     ) -> tuple[str, Result]:
         if run_manager is None:
             return await self._answer(question, paths, text, None)
-        async with AsyncProgressRelay(run_manager.handlers, run_manager.run_id) as relay:
+        async with AsyncProgressRelay(
+            run_manager.handlers, run_manager.run_id
+        ) as relay:
             return await self._answer(question, paths, text, relay.on_event)
 
     async def _answer(
@@ -103,7 +125,13 @@ class RlmGraphTool(BaseTool):
         try:
             files = check_paths(paths, self.root_dir) if paths else None
             result = await arun(
-                question, files, text=text, config=self.config, on_event=on_event, store=self.store, **self.settings
+                question,
+                files,
+                text=text,
+                config=self.config,
+                on_event=on_event,
+                store=self.store,
+                **self.settings,
             )
             return answer_text(result, with_citations=self.with_citations), result
         except (ConfigError, SourceError, ModelCallError, ValueError) as exc:

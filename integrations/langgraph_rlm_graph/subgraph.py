@@ -105,7 +105,12 @@ def rlm_node(
         # Loading and counting a large source takes CPU time: off the loop, so
         # other nodes (and a server's other runs) go on meanwhile.
         engine = await asyncio.to_thread(
-            prepare, question(state), source_paths, text=source_text, config=config, **settings
+            prepare,
+            question(state),
+            source_paths,
+            text=source_text,
+            config=config,
+            **settings,
         )
         started = time.monotonic()
         subgraph = build_graph(engine)  # no checkpointer: LangGraph lends the parent's
@@ -114,7 +119,10 @@ def rlm_node(
         )
         outcome = Outcome.model_validate(values["outcome"])
         result = build_result(
-            f"run-{uuid.uuid4().hex[:12]}", engine, outcome, elapsed_s=time.monotonic() - started
+            f"run-{uuid.uuid4().hex[:12]}",
+            engine,
+            outcome,
+            elapsed_s=time.monotonic() - started,
         )
         return to_update(result)
 
@@ -130,7 +138,9 @@ def _refuse_blocking(state: Any) -> dict[str, Any]:
     raise RuntimeError(msg)
 
 
-def build_rlm_graph(config: RunConfig | None = None, **settings: Any) -> CompiledStateGraph:
+def build_rlm_graph(
+    config: RunConfig | None = None, **settings: Any
+) -> CompiledStateGraph:
     """A one-node graph over :class:`RlmState`: question and source in, result out.
 
     Compiled without a checkpointer: used as a subgraph it shares its parent's;

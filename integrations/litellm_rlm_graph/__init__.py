@@ -6,6 +6,11 @@ conversation becomes a run and for the LiteLLM proxy configuration.
 
 from __future__ import annotations
 
-from litellm_rlm_graph.provider import PROVIDER, RlmGraphProvider, register, rlm_provider
+from litellm_rlm_graph.provider import (
+    PROVIDER,
+    RlmGraphProvider,
+    register,
+    rlm_provider,
+)
 
 __all__ = ["PROVIDER", "RlmGraphProvider", "register", "rlm_provider"]

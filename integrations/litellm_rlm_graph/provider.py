@@ -32,8 +32,8 @@ ensure_offline_litellm()
 
 import litellm  # noqa: E402  (after the offline switches above)
 from litellm import CustomLLM  # noqa: E402
-from litellm.utils import custom_llm_setup  # noqa: E402
 from litellm.types.utils import GenericStreamingChunk, ModelResponse, Usage  # noqa: E402
+from litellm.utils import custom_llm_setup  # noqa: E402
 
 from rlm_graph import ConfigError, ModelCallError, Result, RunConfig, SourceError, arun  # noqa: E402
 from rlm_graph.chat import answer_text, question_from_messages  # noqa: E402
@@ -61,8 +61,12 @@ class RlmGraphProvider(CustomLLM):
     """
 
     def __init__(
-        self, config: RunConfig | None = None, *, with_citations: bool = True,
-        store: str | None = None, **settings: Any,
+        self,
+        config: RunConfig | None = None,
+        *,
+        with_citations: bool = True,
+        store: str | None = None,
+        **settings: Any,
     ) -> None:
         """Create the provider; calls reach it after :func:`register`.
 
@@ -81,11 +85,15 @@ class RlmGraphProvider(CustomLLM):
         self.with_citations = with_citations
         self.store = store
 
-    def completion(self, model: str, messages: list[Any], *args: Any, **kwargs: Any) -> ModelResponse:
+    def completion(
+        self, model: str, messages: list[Any], *args: Any, **kwargs: Any
+    ) -> ModelResponse:
         """Answer a blocking ``litellm.completion`` call; LiteLLM calls this."""
         return _blocking(self.acompletion(model, messages, **kwargs))
 
-    async def acompletion(self, model: str, messages: list[Any], *args: Any, **kwargs: Any) -> ModelResponse:
+    async def acompletion(
+        self, model: str, messages: list[Any], *args: Any, **kwargs: Any
+    ) -> ModelResponse:
         """Answer a ``litellm.acompletion`` call; LiteLLM calls this."""
         result = await self._run(model, messages, kwargs)
         response = ModelResponse(
@@ -93,19 +101,25 @@ class RlmGraphProvider(CustomLLM):
             created=int(time.time()),
             model=f"{PROVIDER}/{model}",
             object="chat.completion",
-            choices=[{
-                "index": 0,
-                "message": {"role": "assistant", "content": self._text(result)},
-                "finish_reason": "stop",
-            }],
+            choices=[
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": self._text(result)},
+                    "finish_reason": "stop",
+                }
+            ],
         )
         # ModelResponse declares no usage field; it is set after construction.
         response.usage = _usage(result)  # type: ignore[attr-defined]
-        response._hidden_params["rlm_graph"] = result.model_dump(mode="json", exclude={"tree"})
+        response._hidden_params["rlm_graph"] = result.model_dump(
+            mode="json", exclude={"tree"}
+        )
 
         return response
 
-    def streaming(self, model: str, messages: list[Any], *args: Any, **kwargs: Any) -> Iterator[GenericStreamingChunk]:
+    def streaming(
+        self, model: str, messages: list[Any], *args: Any, **kwargs: Any
+    ) -> Iterator[GenericStreamingChunk]:
         """Answer ``stream=True``: the whole answer arrives as one chunk at the end."""
         yield _blocking(self._chunk(model, messages, kwargs))
 
@@ -115,29 +129,45 @@ class RlmGraphProvider(CustomLLM):
         """Async ``stream=True``: one chunk when the run ends (merge makes it whole)."""
         yield await self._chunk(model, messages, kwargs)
 
-    async def _chunk(self, model: str, messages: list[Any], kwargs: dict[str, Any]) -> GenericStreamingChunk:
+    async def _chunk(
+        self, model: str, messages: list[Any], kwargs: dict[str, Any]
+    ) -> GenericStreamingChunk:
         result = await self._run(model, messages, kwargs)
         usage = _usage(result)
         return {
-            "text": self._text(result), "is_finished": True, "finish_reason": "stop", "index": 0,
+            "text": self._text(result),
+            "is_finished": True,
+            "finish_reason": "stop",
+            "index": 0,
             "tool_use": None,
             "usage": {
-                "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
                 "total_tokens": usage.total_tokens,
             },
         }
 
-    async def _run(self, model: str, messages: list[Any], kwargs: dict[str, Any]) -> Result:
+    async def _run(
+        self, model: str, messages: list[Any], kwargs: dict[str, Any]
+    ) -> Result:
         settings = self._settings_for(model, kwargs)
         try:
             asked = question_from_messages(messages)
             return await arun(
-                asked.question, text=asked.text, config=self.config, store=self.store, **settings
+                asked.question,
+                text=asked.text,
+                config=self.config,
+                store=self.store,
+                **settings,
             )
         except (ConfigError, SourceError) as exc:
-            raise litellm.BadRequestError(str(exc), model=f"{PROVIDER}/{model}", llm_provider=PROVIDER) from exc
+            raise litellm.BadRequestError(
+                str(exc), model=f"{PROVIDER}/{model}", llm_provider=PROVIDER
+            ) from exc
         except ModelCallError as exc:
-            raise litellm.APIError(502, str(exc), llm_provider=PROVIDER, model=f"{PROVIDER}/{model}") from exc
+            raise litellm.APIError(
+                502, str(exc), llm_provider=PROVIDER, model=f"{PROVIDER}/{model}"
+            ) from exc
 
     def _settings_for(self, model: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         if not model or model.startswith(f"{PROVIDER}/"):
@@ -145,7 +175,9 @@ class RlmGraphProvider(CustomLLM):
                 f"'{PROVIDER}/{model}' names no worker model to recurse with; use "
                 f"'{PROVIDER}/<worker model>', e.g. '{PROVIDER}/openai/gpt-4o-mini'."
             )
-            raise litellm.BadRequestError(msg, model=f"{PROVIDER}/{model}", llm_provider=PROVIDER)
+            raise litellm.BadRequestError(
+                msg, model=f"{PROVIDER}/{model}", llm_provider=PROVIDER
+            )
         settings = {**self.settings, "worker_model": model}
         root = settings.get("model") or (self.config.model if self.config else None)
         settings["model"] = root or model
@@ -165,12 +197,20 @@ class RlmGraphProvider(CustomLLM):
         try:
             return answer_text(result, with_citations=self.with_citations)
         except ModelCallError as exc:
-            raise litellm.APIError(502, str(exc), llm_provider=PROVIDER, model=result.models.get("worker", "")) from exc
+            raise litellm.APIError(
+                502,
+                str(exc),
+                llm_provider=PROVIDER,
+                model=result.models.get("worker", ""),
+            ) from exc
 
 
 def register(
-    config: RunConfig | None = None, *, with_citations: bool = True,
-    store: str | None = None, **settings: Any,
+    config: RunConfig | None = None,
+    *,
+    with_citations: bool = True,
+    store: str | None = None,
+    **settings: Any,
 ) -> RlmGraphProvider:
     """Make ``litellm.completion(model="rlm/<worker model>", ...)`` reach rlm-graph.
 
@@ -180,9 +220,14 @@ def register(
     Returns:
         The registered provider.
     """
-    provider = RlmGraphProvider(config, with_citations=with_citations, store=store, **settings)
+    provider = RlmGraphProvider(
+        config, with_citations=with_citations, store=store, **settings
+    )
     others = [e for e in litellm.custom_provider_map if e["provider"] != PROVIDER]
-    litellm.custom_provider_map = [*others, {"provider": PROVIDER, "custom_handler": provider}]
+    litellm.custom_provider_map = [
+        *others,
+        {"provider": PROVIDER, "custom_handler": provider},
+    ]
     # LiteLLM runs this setup on each call; running it now lets a Router built
     # before the first call resolve the provider too.
     custom_llm_setup()  # type: ignore[no-untyped-call]  # untyped upstream
@@ -192,7 +237,11 @@ def register(
 
 def _usage(result: Result) -> Usage:
     prompt, completion = result.usage.prompt_tokens, result.usage.completion_tokens
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+    )
 
 
 def _blocking(coroutine: Any) -> Any:

@@ -16,10 +16,22 @@ import pytest
 from langchain.agents import create_agent
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.runnables import RunnableLambda
-from langchain_rlm_graph import PROGRESS_EVENT, ChatRlmGraph, RlmGraphRunnable, RlmGraphTool
+from langchain_rlm_graph import (
+    PROGRESS_EVENT,
+    ChatRlmGraph,
+    RlmGraphRunnable,
+    RlmGraphTool,
+)
+from pydantic import Field
 
 from rlm_graph import ConfigError, Result
 
@@ -34,7 +46,7 @@ class ToolCallingDouble(BaseChatModel):
 
     tool_name: str
     tool_args: dict[str, Any]
-    bound_tools: list[str] = []
+    bound_tools: list[str] = Field(default_factory=list)
 
     @property
     def _llm_type(self) -> str:
@@ -44,10 +56,21 @@ class ToolCallingDouble(BaseChatModel):
         self.bound_tools = [getattr(t, "name", None) or t["name"] for t in tools]
         return self
 
-    def _generate(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any) -> ChatResult:
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: Any = None,
+        run_manager: Any = None,
+        **kwargs: Any,
+    ) -> ChatResult:
         results = [m for m in messages if isinstance(m, ToolMessage)]
         if not results:
-            call = {"name": self.tool_name, "args": self.tool_args, "id": "call-1", "type": "tool_call"}
+            call = {
+                "name": self.tool_name,
+                "args": self.tool_args,
+                "id": "call-1",
+                "type": "tool_call",
+            }
             message = AIMessage(content="", tool_calls=[call])
         else:
             message = AIMessage(content=f"The tool said: {results[-1].content}")
@@ -81,11 +104,14 @@ async def test_agent_loop_calls_the_tool_and_reads_its_cited_answer(scripted, bo
     double = scripted(text_reply(r"The secret code word is (\w+)\."))
     tool = RlmGraphTool(root_dir=book.parent, **SETTINGS)
     agent_model = ToolCallingDouble(
-        tool_name=tool.name, tool_args={"question": "What is the secret code word?", "paths": ["book.txt"]}
+        tool_name=tool.name,
+        tool_args={"question": "What is the secret code word?", "paths": ["book.txt"]},
     )
     agent = create_agent(agent_model, [tool])
 
-    state = await agent.ainvoke({"messages": [HumanMessage("Find the code word in book.txt")]})
+    state = await agent.ainvoke(
+        {"messages": [HumanMessage("Find the code word in book.txt")]}
+    )
 
     assert agent_model.bound_tools == ["ask_large_source"]
     tool_message = next(m for m in state["messages"] if isinstance(m, ToolMessage))
@@ -98,12 +124,18 @@ async def test_agent_loop_calls_the_tool_and_reads_its_cited_answer(scripted, bo
     assert len(double.requests) > 3, "the source was read in several leaf calls"
 
 
-async def test_agent_gets_a_path_outside_root_back_as_a_tool_error(scripted, book, tmp_path):
+async def test_agent_gets_a_path_outside_root_back_as_a_tool_error(
+    scripted, book, tmp_path
+):
     double = scripted(text_reply(r"(x)"))
     tool = RlmGraphTool(root_dir=book.parent / "sub", **SETTINGS)
-    agent_model = ToolCallingDouble(tool_name=tool.name, tool_args={"question": "Q?", "paths": ["../book.txt"]})
+    agent_model = ToolCallingDouble(
+        tool_name=tool.name, tool_args={"question": "Q?", "paths": ["../book.txt"]}
+    )
 
-    state = await create_agent(agent_model, [tool]).ainvoke({"messages": [HumanMessage("go")]})
+    state = await create_agent(agent_model, [tool]).ainvoke(
+        {"messages": [HumanMessage("go")]}
+    )
 
     tool_message = next(m for m in state["messages"] if isinstance(m, ToolMessage))
     assert tool_message.status == "error"
@@ -134,11 +166,14 @@ def test_tool_sync_call_answers_over_text(scripted):
 async def test_runnable_in_an_lcel_chain_reports_progress_as_custom_events(scripted):
     scripted(text_reply(r"The secret code word is (\w+)\."))
     text = numbered_paragraphs(30, needle_at={12: NEEDLE})
-    chain = RlmGraphRunnable(**SETTINGS) | RunnableLambda(lambda result: result.answer.lower())
+    chain = RlmGraphRunnable(**SETTINGS) | RunnableLambda(
+        lambda result: result.answer.lower()
+    )
     recorder = AsyncRecorder()
 
     answer = await chain.ainvoke(
-        {"question": "What is the secret code word?", "text": text}, {"callbacks": [recorder]}
+        {"question": "What is the secret code word?", "text": text},
+        {"callbacks": [recorder]},
     )
 
     assert answer == "heliotrope"
@@ -153,7 +188,10 @@ def test_runnable_sync_invoke_and_bad_input(scripted):
     runnable = RlmGraphRunnable(**SETTINGS)
     recorder = Recorder()
 
-    result = runnable.invoke({"question": "What is the secret code word?", "text": text}, {"callbacks": [recorder]})
+    result = runnable.invoke(
+        {"question": "What is the secret code word?", "text": text},
+        {"callbacks": [recorder]},
+    )
 
     assert result.answer == "HELIOTROPE"
     assert any(data["kind"] == "call_done" for _, data in recorder.events)
@@ -164,15 +202,26 @@ def test_runnable_sync_invoke_and_bad_input(scripted):
 async def test_chat_model_answers_over_long_messages_with_usage_and_progress(scripted):
     double = scripted(text_reply(r"The secret code word is (\w+)\."))
     text = numbered_paragraphs(40, needle_at={27: NEEDLE})
-    llm = ChatRlmGraph(**{"model": "scripted/m", "settings": {"context_window": 4096, "chunk_tokens": 200}})
+    llm = ChatRlmGraph(
+        **{
+            "model": "scripted/m",
+            "settings": {"context_window": 4096, "chunk_tokens": 200},
+        }
+    )
 
     events = [
-        event async for event in llm.astream_events(
-            [SystemMessage(text), HumanMessage("What is the secret code word?")], version="v2"
+        event
+        async for event in llm.astream_events(
+            [SystemMessage(text), HumanMessage("What is the secret code word?")],
+            version="v2",
         )
     ]
 
-    progress = [e for e in events if e["event"] == "on_custom_event" and e["name"] == PROGRESS_EVENT]
+    progress = [
+        e
+        for e in events
+        if e["event"] == "on_custom_event" and e["name"] == PROGRESS_EVENT
+    ]
     assert len(progress) > 3
     end = next(e for e in events if e["event"] == "on_chat_model_end")
     message = end["data"]["output"]
@@ -187,9 +236,15 @@ async def test_chat_model_answers_over_long_messages_with_usage_and_progress(scr
 def test_chat_model_single_message_and_errors(scripted):
     scripted(text_reply(r"The secret code word is (\w+)\."))
     text = numbered_paragraphs(30, needle_at={12: NEEDLE})
-    llm = ChatRlmGraph(model="scripted/m", settings={"context_window": 4096, "chunk_tokens": 200}, with_citations=False)
+    llm = ChatRlmGraph(
+        model="scripted/m",
+        settings={"context_window": 4096, "chunk_tokens": 200},
+        with_citations=False,
+    )
 
-    assert llm.invoke(text + "\n\nWhat is the secret code word?").content == "HELIOTROPE"
+    assert (
+        llm.invoke(text + "\n\nWhat is the secret code word?").content == "HELIOTROPE"
+    )
     with pytest.raises(ConfigError, match="Nothing to read besides the question"):
         llm.invoke("What is the secret code word?")
     with pytest.raises(NotImplementedError):

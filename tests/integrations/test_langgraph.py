@@ -22,7 +22,12 @@ from rlm_graph.testing import ModelRequest, Reply
 
 from ..conftest import numbered_paragraphs, text_reply
 
-SETTINGS = {"model": "scripted/m", "context_window": 4096, "chunk_tokens": 200, "concurrency": 1}
+SETTINGS = {
+    "model": "scripted/m",
+    "context_window": 4096,
+    "chunk_tokens": 200,
+    "concurrency": 1,
+}
 NEEDLE = "The secret code word is HELIOTROPE."
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -36,10 +41,15 @@ class Parent(TypedDict, total=False):
 
 def build_parent(checkpointer: Any) -> Any:
     builder = StateGraph(Parent)
-    builder.add_node("research", rlm_node(
-        question=lambda s: s["query"], text=lambda s: s["document"],
-        output=lambda result: {"findings": result.answer}, **SETTINGS,
-    ))
+    builder.add_node(
+        "research",
+        rlm_node(
+            question=lambda s: s["query"],
+            text=lambda s: s["document"],
+            output=lambda result: {"findings": result.answer},
+            **SETTINGS,
+        ),
+    )
     builder.add_node("write_report", lambda s: {"report": f"Findings: {s['findings']}"})
     builder.add_edge(START, "research")
     builder.add_edge("research", "write_report")
@@ -72,20 +82,27 @@ async def postgres_saver():
 def slow(responder: Any, latency_s: float) -> Any:
     def respond(request: ModelRequest) -> Reply:
         reply = responder(request)
-        return Reply(content=reply if isinstance(reply, str) else reply.content, latency_s=latency_s)
+        return Reply(
+            content=reply if isinstance(reply, str) else reply.content,
+            latency_s=latency_s,
+        )
 
     return respond
 
 
 @pytest.mark.postgres
-async def test_subgraph_stores_its_checkpoints_in_the_parents_postgres_thread(scripted, postgres_saver):
+async def test_subgraph_stores_its_checkpoints_in_the_parents_postgres_thread(
+    scripted, postgres_saver
+):
     saver, admin, schema = postgres_saver
     scripted(text_reply(r"The secret code word is (\w+)\."))
     parent = build_parent(saver)
     config = {"configurable": {"thread_id": "parent-1"}}
     document = numbered_paragraphs(40, needle_at={27: NEEDLE})
 
-    state = await parent.ainvoke({"query": "What is the secret code word?", "document": document}, config)
+    state = await parent.ainvoke(
+        {"query": "What is the secret code word?", "document": document}, config
+    )
 
     assert state["report"] == "Findings: HELIOTROPE"
     rows = await admin.execute(
@@ -97,13 +114,17 @@ async def test_subgraph_stores_its_checkpoints_in_the_parents_postgres_thread(sc
 
 
 @pytest.mark.postgres
-async def test_interrupted_parent_resumes_inside_the_subgraph_without_repeating_calls(scripted, postgres_saver):
+async def test_interrupted_parent_resumes_inside_the_subgraph_without_repeating_calls(
+    scripted, postgres_saver
+):
     saver, _, _ = postgres_saver
     document = numbered_paragraphs(40, needle_at={27: NEEDLE})
     question = {"query": "What is the secret code word?", "document": document}
     double = scripted(slow(text_reply(r"The secret code word is (\w+)\."), 0.02))
 
-    full = await build_parent(InMemorySaver()).ainvoke(question, {"configurable": {"thread_id": "whole"}})
+    full = await build_parent(InMemorySaver()).ainvoke(
+        question, {"configurable": {"thread_id": "whole"}}
+    )
     total = len(double.requests)
     double.reset()
 
@@ -127,17 +148,25 @@ async def test_interrupted_parent_resumes_inside_the_subgraph_without_repeating_
     # concurrency is 1: at most one call was in flight when the run was cut.
     assert sent_after <= total - sent_before + 1, (total, sent_before, sent_after)
     assert sent_after < total
-    print(f"calls: whole run {total}, before the cut {sent_before}, after resume {sent_after}")
+    print(
+        f"calls: whole run {total}, before the cut {sent_before}, after resume {sent_after}"
+    )
 
 
-async def test_ready_graph_takes_text_or_paths_and_returns_the_result(scripted, tmp_path):
+async def test_ready_graph_takes_text_or_paths_and_returns_the_result(
+    scripted, tmp_path
+):
     scripted(text_reply(r"The secret code word is (\w+)\."))
     path = tmp_path / "book.txt"
     path.write_text(numbered_paragraphs(30, needle_at={12: NEEDLE}), encoding="utf-8")
     graph = build_rlm_graph(**SETTINGS)
 
-    by_path = await graph.ainvoke({"question": "What is the secret code word?", "paths": [str(path)]})
-    by_text = await graph.ainvoke({"question": "What is the secret code word?", "text": path.read_text()})
+    by_path = await graph.ainvoke(
+        {"question": "What is the secret code word?", "paths": [str(path)]}
+    )
+    by_text = await graph.ainvoke(
+        {"question": "What is the secret code word?", "text": path.read_text()}
+    )
 
     assert by_path["answer"] == by_text["answer"] == "HELIOTROPE"
     assert by_path["result"]["citations"][0]["source"] == str(path)
@@ -155,4 +184,7 @@ def test_blocking_invoke_of_the_parent_says_to_use_ainvoke(scripted):
     parent = build_parent(InMemorySaver())
 
     with pytest.raises(RuntimeError, match="ainvoke"):
-        parent.invoke({"query": "Q?", "document": "a\n\nb"}, {"configurable": {"thread_id": "sync"}})
+        parent.invoke(
+            {"query": "Q?", "document": "a\n\nb"},
+            {"configurable": {"thread_id": "sync"}},
+        )
