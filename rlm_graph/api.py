@@ -456,12 +456,12 @@ class _Progress:
 
     def snapshot(self) -> dict[str, Any]:
         usage = self._engine.client.usage
-        statuses = [t[2] for t in self.tasks.values()]
-        leaves = {t for t in self.tasks if not any(o.startswith(t + ".") for o in self.tasks)}
+        parents = {task_id.rpartition(".")[0] for task_id in self.tasks}
+        done = {task_id for task_id, (_, _, status) in self.tasks.items() if status != "running"}
         return {
             "tasks": self.tasks,
-            "tasks_done": sum(s != "running" for s in statuses),
-            "leaves_done": sum(self.tasks[t][2] != "running" for t in leaves),
+            "tasks_done": len(done),
+            "leaves_done": len(done - parents),
             "leaves_estimate": self.leaves_estimate,
             "calls": usage.calls, "cached_calls": usage.cached_calls,
             "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
