@@ -8,14 +8,16 @@ LiteLLM.
 
 from __future__ import annotations
 
-from rlm_graph.api import arun, run
+from rlm_graph.api import aresume, arun, resume, run
 from rlm_graph.config import RunConfig
 from rlm_graph.errors import (
     BudgetExceeded,
     ConfigError,
     ContextWindowError,
     ModelCallError,
+    ResumeMismatchError,
     RlmGraphError,
+    RunBusyError,
     SourceError,
     StoreError,
 )
@@ -29,13 +31,17 @@ __all__ = [
     "Failure",
     "ModelCallError",
     "Result",
+    "ResumeMismatchError",
     "RlmGraphError",
+    "RunBusyError",
     "RunConfig",
     "SourceError",
     "StoreError",
     "TaskNode",
     "Usage",
+    "aresume",
     "arun",
+    "resume",
     "run",
 ]
 

@@ -157,15 +157,19 @@ def runs_command(store: str | None, as_json: bool, debug: bool) -> None:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
-    for column in ("run", "status", "question", "source", "progress", "cost", "age"):
-        table.add_column(column, overflow="fold" if column == "run" else "ellipsis", no_wrap=column != "question")
+    widths = {"run": 16, "status": 11, "question": 24, "source": 14, "progress": 12, "cost": 8, "age": 8}
+    for column, width in widths.items():
+        table.add_column(column, min_width=width, no_wrap=True, overflow="ellipsis")
     for record in records:
         row = _run_row(record)
         table.add_row(
             row["run_id"], row["status"], _clip(row["question"], 48), _clip(row["source"], 32),
             row["progress"], f"${row['cost_usd']:.4f}", _age(row["updated_at"]),
         )
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(table)
 
 
 @main.command("show")

@@ -158,3 +158,13 @@ def test_same_file_named_twice_is_read_once(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert len(load_source(["a.txt", "./a.txt", str(tmp_path / "a.txt")]).files) == 1
     assert len(load_source("a.txt").files) == 1, "a single path string is one path"
+
+
+def test_dedupe_keeps_a_merged_answer_that_shares_only_some_evidence():
+    # Two sibling subtrees overlap by one span: both cite fact 35, but the second
+    # also carries facts 40-50 that nothing else cites; it must not be dropped.
+    fact_35 = Evidence(quote="Fact 35", start=100, end=107)
+    first = Answer(kind="text", found=True, text="15; 35", evidence=(Evidence(quote="Fact 15", start=10, end=17), fact_35))
+    second = Answer(kind="text", found=True, text="35; 40", evidence=(fact_35, Evidence(quote="Fact 40", start=200, end=207)))
+    only_repeat = Answer(kind="text", found=True, text="thirty-five", evidence=(fact_35,))
+    assert [a.text for a in dedupe_text([first, second, only_repeat])] == ["15; 35", "35; 40"]

@@ -63,16 +63,17 @@ def merge_count(answers: list[Answer]) -> Answer:
 
 
 def dedupe_text(answers: list[Answer]) -> list[Answer]:
-    """Drop text answers that repeat an earlier one: same words, or evidence
-    at the same place (two overlapping spans saw the same sentence)."""
+    """Drop text answers that repeat earlier ones: the same words, or evidence
+    that is all at places already cited (overlapping spans saw the same
+    sentences). An answer with any evidence of its own is kept."""
     kept: list[Answer] = []
     for answer in answers:
-        repeated = any(
-            _normal(answer.text or "") == _normal(other.text or "")
-            or any(_overlaps(a, b) for a in answer.evidence for b in other.evidence)
-            for other in kept
+        cited = [b for other in kept for b in other.evidence]
+        same_words = any(_normal(answer.text or "") == _normal(other.text or "") for other in kept)
+        nothing_new = bool(answer.evidence) and all(
+            any(_overlaps(a, b) for b in cited) for a in answer.evidence
         )
-        if not repeated:
+        if not (same_words or nothing_new):
             kept.append(answer)
     return kept
 
