@@ -669,3 +669,63 @@ def _configure_logging(verbose: int, debug: bool) -> None:
         # records through ours (stderr) instead.
         other.handlers.clear()
         other.propagate = True
+
+
+@main.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; not loopback needs --token.")
+@click.option("--port", default=8765, show_default=True, type=int, help="TCP port (0: any free port).")
+@click.option("--token", envvar="RLM_GRAPH_SERVE_TOKEN", help="Bearer token clients must send (or RLM_GRAPH_SERVE_TOKEN).")
+@click.option("--max-request-mb", default=16.0, show_default=True, type=float, help="Largest request body, in MB.")
+@click.option("--max-runs", default=2, show_default=True, type=int, help="Runs at once; more requests wait.")
+@click.option("--store", "store", help="Where runs are recorded: a SQLite file or a PostgreSQL URL.")
+@click.option("--model", help="Root model: any LiteLLM name (default: the embedded model).")
+@click.option("--worker-model", help="Model for leaf calls (default: --model).")
+@click.option("--api-base", help="Base URL of an OpenAI-compatible, Ollama or vLLM server.")
+@click.option("--api-key", envvar="RLM_GRAPH_API_KEY", help="Key for --api-base (or RLM_GRAPH_API_KEY).")
+@click.option("--context-window", type=int, help="Worker window in tokens, for unknown models.")
+@click.option("--chunk-tokens", type=int, help="Largest span a leaf call reads, in tokens.")
+@click.option("--concurrency", type=int, help="Most model calls in flight per run (default 8).")
+@click.option("-v", "--verbose", count=True, help="-v: milestones and retries; -vv: every call.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def serve_command(
+    host: str, port: int, token: str | None, max_request_mb: float, max_runs: int,
+    store: str | None, verbose: int, debug: bool, **options: Any,
+) -> None:
+    """Serve rlm-graph as an OpenAI-compatible chat model over HTTP.
+
+    POST /v1/chat/completions answers over the whole conversation; GET /v1/models
+    lists the model name to send (rlm/<worker model>). Stop with Ctrl-C.
+    """
+    _configure_logging(max(verbose, 1), debug)
+    settings = {key: value for key, value in options.items() if value is not None}
+    with _errors_to_exit_codes(debug):
+        import asyncio
+
+        from pydantic import ValidationError
+
+        from rlm_graph.config import RunConfig
+        from rlm_graph.errors import ConfigError
+        from rlm_graph.serve import ServeSettings, serve, served_model_id
+
+        try:
+            config = RunConfig(**settings)
+            serve_settings = ServeSettings(
+                host=host, port=port, token=token, max_runs=max_runs, store=store,
+                max_request_bytes=int(max_request_mb * 1024 * 1024),
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            msg = f"Invalid setting '{where}': {first.get('msg')}. See 'rlm-graph serve --help'."
+            raise ConfigError(msg) from exc
+
+        def announce(url: str) -> None:
+            click.echo(f"rlm-graph serve: model {served_model_id(config)} at {url} (Ctrl-C stops)", err=True)
+
+        try:
+            asyncio.run(serve(config, serve_settings, on_ready=announce))
+        except KeyboardInterrupt:
+            click.echo("stopped.", err=True)
+        except OSError as exc:
+            msg = f"Cannot listen on {host}:{port}: {exc.strerror or exc}. Choose another --port."
+            raise ConfigError(msg) from exc

@@ -1,0 +1,273 @@
+"""``rlm-graph serve``: the OpenAI-compatible endpoint, through real HTTP clients.
+
+Inner model calls go to the repo's doubles: ScriptedModel in-process, and
+FakeOpenAIServer on 127.0.0.1 for the CLI test, whose server runs in a
+subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rlm_graph import ConfigError, RunConfig
+from rlm_graph.serve import ServeSettings, create_app, serve_in_thread
+from rlm_graph.testing import FakeOpenAIServer
+
+from .conftest import numbered_paragraphs, text_reply
+
+NEEDLE = "The secret code word is HELIOTROPE."
+QUESTION = "What is the secret code word?"
+CONFIG = RunConfig(model="scripted/m", context_window=4096, chunk_tokens=200)
+TOKEN = "serve-token-5b1e"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def chat(text: str, **extra: object) -> dict[str, object]:
+    return {
+        "model": "rlm/scripted/m",
+        "messages": [
+            {"role": "system", "content": text},
+            {"role": "user", "content": QUESTION},
+        ],
+        **extra,
+    }
+
+
+@pytest.fixture
+def server(scripted):
+    double = scripted(text_reply(r"The secret code word is (\w+)\."))
+    settings = ServeSettings(port=0, token=TOKEN, max_request_bytes=64 * 1024)
+    with serve_in_thread(CONFIG, settings) as url:
+        yield url, double
+
+
+def test_openai_client_gets_a_cited_answer_with_usage(server):
+    import openai
+
+    url, double = server
+    client = openai.OpenAI(base_url=url, api_key=TOKEN, max_retries=0)
+    text = numbered_paragraphs(40, needle_at={27: NEEDLE})
+
+    models = client.models.list()
+    response = client.chat.completions.create(**chat(text))
+
+    assert [m.id for m in models.data] == ["rlm/scripted/m"]
+    assert response.choices[0].message.content.startswith("HELIOTROPE")
+    assert response.usage.prompt_tokens == sum(r.prompt_tokens for r in double.requests)
+    extension = response.model_extra["rlm_graph"]
+    assert extension["status"] == "done"
+    assert extension["citations"][0]["quote"] == NEEDLE
+
+
+def test_streaming_sends_openai_chunks_then_done(server):
+    import openai
+
+    url, _ = server
+    client = openai.OpenAI(base_url=url, api_key=TOKEN, max_retries=0)
+    text = numbered_paragraphs(40, needle_at={27: NEEDLE})
+
+    chunks = list(
+        client.chat.completions.create(
+            **chat(text, stream=True, stream_options={"include_usage": True})
+        )
+    )
+
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content.startswith("HELIOTROPE")
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "status", "fragment"),
+    [
+        ("POST", "/chat/completions", chat("x\n\ny"), {}, 401, "bearer token"),
+        (
+            "POST",
+            "/chat/completions",
+            chat("x"),
+            {"Authorization": "Bearer wrong"},
+            401,
+            "bearer token",
+        ),
+        ("POST", "/chat/completions", b"{not json", AUTH, 400, "not valid JSON"),
+        (
+            "POST",
+            "/chat/completions",
+            {"model": "rlm/scripted/m", "messages": []},
+            AUTH,
+            400,
+            "'messages'",
+        ),
+        (
+            "POST",
+            "/chat/completions",
+            {"messages": [{"role": "user", "content": "q"}]},
+            AUTH,
+            400,
+            "'model'",
+        ),
+        (
+            "POST",
+            "/chat/completions",
+            {**chat("x"), "model": "gpt-4o"},
+            AUTH,
+            404,
+            "not served here",
+        ),
+        (
+            "POST",
+            "/chat/completions",
+            {
+                "model": "rlm/scripted/m",
+                "messages": [{"role": "user", "content": QUESTION}],
+            },
+            AUTH,
+            400,
+            "Nothing to read besides the question",
+        ),
+        (
+            "POST",
+            "/chat/completions",
+            {
+                "model": "rlm/scripted/m",
+                "messages": [{"role": "wizard", "content": "q"}],
+            },
+            AUTH,
+            400,
+            "messages.0.role",
+        ),
+        (
+            "POST",
+            "/chat/completions",
+            chat("x" * 70_000),
+            AUTH,
+            413,
+            "limit of 65,536 bytes",
+        ),
+        ("GET", "/chat/completions", None, AUTH, 405, "allowed: POST"),
+        ("GET", "/nowhere", None, AUTH, 404, "No such endpoint"),
+    ],
+)
+def test_bad_requests_get_clear_json_4xx_errors(
+    server, method, path, body, headers, status, fragment
+):
+    url, double = server
+    content = body if isinstance(body, bytes) else None
+    payload = None if isinstance(body, bytes) or body is None else body
+
+    response = httpx.request(
+        method, url + path, json=payload, content=content, headers=headers, timeout=30
+    )
+
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert fragment in error["message"]
+    assert error["type"] in {"invalid_request_error", "authentication_error"}
+    assert double.requests == []
+
+
+def test_keys_and_tokens_never_reach_responses_or_logs(scripted, caplog):
+    scripted(text_reply(r"The secret code word is (\w+)\."))
+    config = RunConfig(
+        model="scripted/m",
+        context_window=4096,
+        chunk_tokens=200,
+        api_key="sk-secret-api-key-77",
+    )
+    caplog.set_level(logging.DEBUG)
+    with serve_in_thread(config, ServeSettings(port=0, token=TOKEN)) as url:
+        ok = httpx.post(
+            url + "/chat/completions",
+            json=chat(numbered_paragraphs(20)),
+            headers=AUTH,
+            timeout=60,
+        )
+        denied = httpx.post(
+            url + "/chat/completions",
+            json=chat("a"),
+            headers={"Authorization": "Bearer nope"},
+        )
+
+    assert ok.status_code == 200 and denied.status_code == 401
+    for text in (ok.text, denied.text, caplog.text):
+        assert "sk-secret-api-key-77" not in text
+        assert TOKEN not in text
+
+
+def test_other_hosts_need_a_token():
+    with pytest.raises(ConfigError, match="without a token"):
+        create_app(CONFIG, ServeSettings(host="0.0.0.0"))
+    assert create_app(CONFIG, ServeSettings(host="0.0.0.0", token="t")) is not None
+    assert create_app(CONFIG, ServeSettings(host="::1")) is not None
+
+
+def test_cli_serve_answers_and_stops_on_ctrl_c(tmp_path):
+    with FakeOpenAIServer(text_reply(r"The secret code word is (\w+)\.")) as models:
+        env = {**os.environ, "RLM_GRAPH_SERVE_TOKEN": TOKEN}
+        process = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "rlm-graph"),
+                "serve",
+                "--port",
+                "0",
+                "--model",
+                "openai/fake-model",
+                "--api-base",
+                models.api_base,
+                "--api-key",
+                "sk-fake",
+                "--context-window",
+                "4096",
+                "--chunk-tokens",
+                "200",
+            ],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            url = _announced_url(process)
+            response = httpx.post(
+                url + "/chat/completions",
+                headers=AUTH,
+                timeout=60,
+                json={
+                    **chat(numbered_paragraphs(30, needle_at={7: NEEDLE})),
+                    "model": "rlm/openai/fake-model",
+                },
+            )
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["message"]["content"].startswith(
+                "HELIOTROPE"
+            )
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(20)
+    assert process.returncode == 0
+    assert "stopped." in process.stderr.read()
+
+
+def _announced_url(process: subprocess.Popen[str]) -> str:
+    deadline = time.monotonic() + 60
+    lines = []
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        lines.append(line)
+        found = re.search(r"at (http://\S+/v1)", line)
+        if found:
+            return found.group(1)
+        if process.poll() is not None:
+            break
+    pytest.fail(f"rlm-graph serve did not announce its URL: {json.dumps(lines)}")
