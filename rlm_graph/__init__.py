@@ -8,20 +8,24 @@ LiteLLM.
 
 from __future__ import annotations
 
-from rlm_graph.api import aresume, arun, resume, run
-from rlm_graph.config import RunConfig
-from rlm_graph.errors import (
-    BudgetExceeded,
-    ConfigError,
-    ContextWindowError,
-    ModelCallError,
-    ResumeMismatchError,
-    RlmGraphError,
-    RunBusyError,
-    SourceError,
-    StoreError,
-)
-from rlm_graph.result import Citation, Failure, Result, TaskNode, Usage
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rlm_graph.errors import (
+        BudgetExceeded,
+        ConfigError,
+        ContextWindowError,
+        ModelCallError,
+        ResumeMismatchError,
+        RlmGraphError,
+        RunBusyError,
+        SourceError,
+        StoreError,
+    )
+    from rlm_graph.result import Citation, Failure, Result, TaskNode, Usage
+    from rlm_graph.config import RunConfig
+    from rlm_graph.api import aresume, arun, resume, run
 
 __all__ = [
     "BudgetExceeded",
@@ -45,4 +49,40 @@ __all__ = [
     "run",
 ]
 
-__version__ = "0.1.0"
+# Imported on first use: `rlm-graph --help` and a Ctrl-C during start-up must
+# not wait for LangGraph and LiteLLM to load.
+_WHERE = {
+    "BudgetExceeded": "rlm_graph.errors",
+    "Citation": "rlm_graph.result",
+    "ConfigError": "rlm_graph.errors",
+    "ContextWindowError": "rlm_graph.errors",
+    "Failure": "rlm_graph.result",
+    "ModelCallError": "rlm_graph.errors",
+    "Result": "rlm_graph.result",
+    "ResumeMismatchError": "rlm_graph.errors",
+    "RlmGraphError": "rlm_graph.errors",
+    "RunBusyError": "rlm_graph.errors",
+    "RunConfig": "rlm_graph.config",
+    "SourceError": "rlm_graph.errors",
+    "StoreError": "rlm_graph.errors",
+    "TaskNode": "rlm_graph.result",
+    "Usage": "rlm_graph.result",
+    "aresume": "rlm_graph.api",
+    "arun": "rlm_graph.api",
+    "resume": "rlm_graph.api",
+    "run": "rlm_graph.api",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        msg = f"module 'rlm_graph' has no attribute {name!r}"
+        raise AttributeError(msg)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

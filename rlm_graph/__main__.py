@@ -1,6 +1,6 @@
 """``python -m rlm_graph``: the same command line as ``rlm-graph``."""
 
-from rlm_graph.cli import main
+from rlm_graph.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -24,12 +24,12 @@ from pydantic import BaseModel
 
 from rlm_graph.config import RunConfig
 from rlm_graph.errors import ConfigError, ResumeMismatchError, SourceError, StoreError
-from rlm_graph.graph import build_graph
+from rlm_graph.graph import build_graph, outcome_of
 from rlm_graph.models import ModelClient
 from rlm_graph.nodes.delegate import Engine, Event
 from rlm_graph.nodes.plan import make_plan
 from rlm_graph.nodes.types import Outcome, Plan
-from rlm_graph.result import Citation, Failure, Result, TaskNode
+from rlm_graph.result import Citation, Failure, Result, TaskNode, Usage
 from rlm_graph.source import Source, load_source, source_from_text
 from rlm_graph.store import RunRecord, SourceInfo, Store, open_store, source_files_info
 
@@ -164,9 +164,6 @@ async def aresume(
     """Finish a run; same arguments as :func:`resume`."""
     async with open_store(store) as opened:
         record = await opened.get_run(run_id)
-        if record.status == "done" and record.result is not None:
-            logger.info("run %s is already done; returning its result", record.run_id)
-            return Result.model_validate(record.result)
         _check_question(record, question)
         config = _resume_config(record, settings)
         source = await opened.load_source(record.source.digest)
@@ -181,6 +178,9 @@ async def aresume(
                 raise ResumeMismatchError(msg)
         elif not stored_source:
             _check_files_unchanged(record, config)
+        if record.status == "done" and record.result is not None:
+            logger.info("run %s is already done; returning its result", record.run_id)
+            return Result.model_validate(record.result)
         client = ModelClient(config, on_call=_call_notifier(on_event))
         engine = Engine(source, config, Plan.model_validate(record.plan), client, emit=on_event)
         return await execute(engine, store=opened, record=record)
@@ -237,8 +237,10 @@ async def execute(
             raise
         autosave.cancel()
 
-        outcome = Outcome.model_validate(state["outcome"])
+        outcome = outcome_of(state)
         result = build_result(record.run_id, engine, outcome, elapsed_s=time.monotonic() - started)
+        # A resumed run reports what all its sessions paid, not only this one.
+        result = result.model_copy(update={"usage": progress.total_usage()})
         record.status = result.status
         record.result = result.model_dump(mode="json")
         record.plan = engine.plan.model_dump(mode="json")
@@ -425,10 +427,14 @@ def _check_question(record: RunRecord, question: str | None) -> None:
 
 
 def _resume_config(record: RunRecord, settings: dict[str, Any]) -> RunConfig:
+    stored = {k: v for k, v in record.config.items() if k in RunConfig.model_fields}
+    effective = _configure(None, stored)
+    # Compare what the run really used: no --worker-model means the root model.
+    used = {"model": effective.root_model, "worker_model": effective.leaf_model}
     changed = {
-        name: (record.config.get(name), value)
+        name: (used.get(name, record.config.get(name)), value)
         for name, value in settings.items()
-        if name not in FREE_ON_RESUME and value != record.config.get(name)
+        if name not in FREE_ON_RESUME and value != used.get(name, record.config.get(name))
     }
     if changed:
         shown = "; ".join(f"{name}: run has {old!r}, asked {new!r}" for name, (old, new) in changed.items())
@@ -437,14 +443,16 @@ def _resume_config(record: RunRecord, settings: dict[str, Any]) -> RunConfig:
             f"Only {', '.join(sorted(FREE_ON_RESUME))} may change; start a new run for the rest."
         )
         raise ResumeMismatchError(msg)
-    stored = {k: v for k, v in record.config.items() if k in RunConfig.model_fields}
     return _configure(None, {**stored, **settings})
 
 
 def _check_files_unchanged(record: RunRecord, config: RunConfig) -> None:
     for info in record.source.files:
         path = info.get("path")
-        if not path or not Path(path).is_file():
+        if not path:
+            continue
+        if not Path(path).is_file():
+            logger.warning("%s is gone; resuming over the stored copy of it", info["name"])
             continue
         try:
             current = load_source([path], encoding=config.encoding)
@@ -473,14 +481,29 @@ class _Progress:
     """Counts a run's events and saves a snapshot to the store every few seconds."""
 
     INTERVAL_S = 3.0
+    FIRST_INTERVALS_S = (0.5, 1.0, 1.0, 2.0)
+    """Saved sooner at the start, so that a run killed early still shows progress."""
 
     def __init__(self, engine: Engine, record: RunRecord) -> None:
         self._engine = engine
         self._record = record
         before = record.progress or {}
         self.tasks: dict[str, list[Any]] = dict(before.get("tasks") or {})
-        self.leaves_estimate = max(1, -(-engine.plan.source_tokens // engine.plan.leaf_tokens))
+        self._before = Usage.model_validate(before.get("usage") or {})
+        """What earlier sessions of this run paid for."""
         self._dirty = True
+
+    def total_usage(self) -> Usage:
+        """Usage over every session of the run (this one included)."""
+        total = self._before.model_copy()
+        total.add(self._engine.client.usage)
+        return total
+
+    def _leaves(self) -> int:
+        spans = self._engine.__dict__.get("leaf_spans")
+        if spans is not None:
+            return len(spans)
+        return max(1, -(-self._engine.plan.source_tokens // self._engine.plan.leaf_tokens))
 
     def on_event(self, event: Event) -> None:
         if event.kind == "task_started":
@@ -491,22 +514,24 @@ class _Progress:
         self._dirty = True
 
     def snapshot(self) -> dict[str, Any]:
-        usage = self._engine.client.usage
+        usage = self.total_usage()
         parents = {task_id.rpartition(".")[0] for task_id in self.tasks}
         done = {task_id for task_id, (_, _, status) in self.tasks.items() if status != "running"}
         return {
             "tasks": self.tasks,
             "tasks_done": len(done),
             "leaves_done": len(done - parents),
-            "leaves_estimate": self.leaves_estimate,
+            "leaves_estimate": self._leaves(),
+            "usage": usage.model_dump(mode="json"),
             "calls": usage.calls, "cached_calls": usage.cached_calls,
             "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "cost_usd": usage.cost_usd,
+            "cost_usd": usage.cost_usd, "cost_known": usage.cost_known,
         }
 
     async def autosave(self, store: Store) -> None:
+        pauses = [*self.FIRST_INTERVALS_S]
         while True:
-            await asyncio.sleep(self.INTERVAL_S)
+            await asyncio.sleep(pauses.pop(0) if pauses else self.INTERVAL_S)
             if self._dirty:
                 self._dirty = False
                 self._record.progress = self.snapshot()

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 import time
 from typing import Any
 
 import click
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]
 
 EXIT_PARTIAL = 1
 EXIT_USAGE = 2
@@ -43,7 +44,6 @@ def main() -> None:
 @click.option("-q", "--question", required=True, help="The question to answer.")
 @click.option("--model", help="Root model: any LiteLLM name (default: the embedded model).")
 @click.option("--worker-model", help="Model for leaf calls (default: --model).")
-@click.option("--judge-model", help="Model for verification (default: --model).")
 @click.option(
     "--router-config", type=click.Path(dir_okay=False),
     help="LiteLLM proxy-style YAML (model_list, router_settings, roles): "
@@ -87,11 +87,11 @@ def run_command(
     as_json: bool, verbose: int, debug: bool, dry_run: bool, **options: Any,
 ) -> None:
     """Answer QUESTION over SOURCE files, directories or '-' (stdin)."""
-    _configure_logging(verbose, debug)
     schema_file = options.pop("schema_file", None)
     settings = {key: value for key, value in options.items() if value is not None}
     progress = _Progress(enabled=sys.stderr.isatty(), store=store)
     with _errors_to_exit_codes(debug, progress):
+        _configure_logging(verbose, debug)
         if schema_file:
             settings["answer_schema"] = _read_schema(schema_file)
         from rlm_graph.api import execute, prepare
@@ -153,10 +153,10 @@ def resume_command(
 
     Calls that already returned are answered from the store, not paid again.
     """
-    _configure_logging(verbose, debug)
     settings = {key: value for key, value in options.items() if value is not None}
     progress = _Progress(enabled=sys.stderr.isatty(), store=store)
     with _errors_to_exit_codes(debug, progress):
+        _configure_logging(verbose, debug)
         from rlm_graph.api import aresume
 
         progress.start(None)
@@ -180,9 +180,18 @@ def runs_command(store: str | None, as_json: bool, debug: bool) -> None:
         from rlm_graph.store import open_store
 
         async def listing() -> Any:
-            async with open_store(store) as opened:
+            async with open_store(store, create=False) as opened:
                 return opened.location, await opened.list_runs()
 
+        from rlm_graph.store import is_postgres, resolve_location
+
+        where = resolve_location(store)
+        if where != "memory" and not is_postgres(where) and not Path(where).expanduser().exists():
+            if as_json:
+                click.echo("[]")
+            else:
+                click.echo(f"No runs in {where} (no store there yet).", err=True)
+            return
         location, records = _await(listing())
     if as_json:
         click.echo(json.dumps([_run_row(r) for r in records], ensure_ascii=False, indent=2))
@@ -201,7 +210,8 @@ def runs_command(store: str | None, as_json: bool, debug: bool) -> None:
         row = _run_row(record)
         table.add_row(
             row["run_id"], row["status"], _clip(row["question"], 48), _clip(row["source"], 32),
-            row["progress"], f"${row['cost_usd']:.4f}", _age(row["updated_at"]),
+            row["progress"], f"${row['cost_usd']:.4f}" + ("" if row["cost_known"] else "+?"),
+            _age(row["updated_at"]),
         )
     console = Console()
     if not console.is_terminal:
@@ -221,7 +231,7 @@ def show_command(run_id: str, store: str | None, as_json: bool, max_depth: int, 
         from rlm_graph.store import open_store
 
         async def fetch() -> Any:
-            async with open_store(store) as opened:
+            async with open_store(store, create=False) as opened:
                 record = await opened.get_run(run_id)
                 runs = {r.run_id: r for r in await opened.list_runs()}
                 return runs.get(record.run_id, record)
@@ -230,7 +240,7 @@ def show_command(run_id: str, store: str | None, as_json: bool, max_depth: int, 
     if as_json:
         click.echo(json.dumps(record.model_dump(mode="json"), ensure_ascii=False, indent=2))
         return
-    _show_record(record, max_depth)
+    _show_record(record, max_depth, store)
 
 
 @main.command("rm")
@@ -246,11 +256,25 @@ def rm_command(run_ids: tuple[str, ...], store: str | None, debug: bool) -> None
         from rlm_graph.store import open_store
 
         async def remove() -> list[str]:
-            async with open_store(store) as opened:
+            async with open_store(store, create=False) as opened:
                 return [(await opened.delete_run(run_id)).run_id for run_id in run_ids]
 
         for removed in _await(remove()):
             click.echo(f"removed {removed}", err=True)
+
+
+def entry() -> None:
+    """The ``rlm-graph`` console script: :func:`main`, with a Ctrl-C at any moment
+    (even while LiteLLM is still loading) ending in one line and exit 130."""
+    try:
+        code = main.main(prog_name="rlm-graph", standalone_mode=False)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("stopped.", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _finish(result: Any, as_json: bool) -> None:
@@ -296,8 +320,8 @@ def eval_command(
     filter_: str | None, planner: str | None, chart: str | None, json_path: str | None, verbose: int, debug: bool,
 ) -> None:
     """Compare a direct call, a flat map-reduce and rlm-graph on generated tasks."""
-    _configure_logging(verbose, debug)
     with _errors_to_exit_codes(debug):
+        _configure_logging(verbose, debug)
         from pathlib import Path
 
         from rlm_graph.eval import draw_chart, format_table, run_eval, suite
@@ -405,10 +429,11 @@ def _run_row(record: Any) -> dict[str, Any]:
         done = f"{record.result.get('usage', {}).get('calls', 0)} calls"
     else:
         done = f"{progress.get('leaves_done', 0)}/~{progress.get('leaves_estimate', '?')} pieces"
-    cost = (record.result or {}).get("usage", {}).get("cost_usd", progress.get("cost_usd", 0.0))
+    usage = (record.result or {}).get("usage") or progress.get("usage") or {}
     return {
         "run_id": record.run_id, "status": record.status, "question": record.question,
-        "source": source, "progress": done, "cost_usd": cost or 0.0,
+        "source": source, "progress": done, "cost_usd": usage.get("cost_usd", 0.0),
+        "cost_known": usage.get("cost_known", True),
         "created_at": record.created_at, "updated_at": record.updated_at,
     }
 
@@ -426,7 +451,7 @@ def _age(when: float) -> str:
     return f"{seconds:.0f}s ago"
 
 
-def _show_record(record: Any, max_depth: int) -> None:
+def _show_record(record: Any, max_depth: int, store: str | None) -> None:
     from rich.console import Console
     from rich.tree import Tree
 
@@ -465,7 +490,10 @@ def _show_record(record: Any, max_depth: int) -> None:
         nodes[task_id] = parent.add(f"{task_id} [{start}:{end}] {status}")
     Console().print(tree)
     if record.status in ("interrupted", "stopped", "partial", "failed"):
-        click.echo(f"resume with: rlm-graph resume {record.run_id}")
+        from rlm_graph.store import redact
+
+        where = f" --store {redact(store)}" if store else ""
+        click.echo(f"resume with: rlm-graph resume {record.run_id}{where}")
 
 
 def _node_label(task_id: str, status: str, verdict: str, answer: Any) -> str:

@@ -18,6 +18,7 @@ Graph state holds spans, small answers and counters, never source text.
 from __future__ import annotations
 
 import asyncio
+import zlib
 from typing import Any, TypedDict
 
 from langgraph.func import task as durable_task
@@ -25,10 +26,11 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
 
+from rlm_graph.models import Role
 from rlm_graph.nodes.delegate import CallResult, Decision, Engine
 from rlm_graph.nodes.types import Outcome, Plan, Task
 
-__all__ = ["RunState", "build_graph"]
+__all__ = ["RunState", "build_graph", "outcome_of", "pack_outcome", "unpack_outcome"]
 
 
 class RunState(TypedDict, total=False):
@@ -48,8 +50,10 @@ class RunState(TypedDict, total=False):
     max_tokens: int
     reply: dict[str, Any] | None
     decision: dict[str, Any] | None
-    outcomes: list[dict[str, Any]]
-    outcome: dict[str, Any] | None
+    outcomes: list[bytes]
+    """The root's children's outcomes, each packed (:func:`pack_outcome`)."""
+    outcome: bytes | None
+    """The root's outcome, packed; read it with :func:`outcome_of`."""
 
 
 def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
@@ -60,13 +64,29 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
         checkpointer: a LangGraph saver; None runs without persistence.
     """
 
+    if not getattr(engine.client.call_log, "durable", False):
+        # No durable call log (a graph embedded with only its parent's
+        # checkpointer): every model call is a durable task, so a resumed
+        # parent replays finished calls from its own checkpoints.
+        @durable_task
+        async def model_call(
+            role: Role, messages: list[dict[str, str]], max_tokens: int, schema: dict[str, Any] | None
+        ) -> dict[str, Any]:
+            return (await engine.call_model(role, messages, max_tokens, schema)).to_dict()
+
+        async def durable_call(
+            role: Role, messages: list[dict[str, str]], max_tokens: int, schema: dict[str, Any] | None
+        ) -> CallResult:
+            return CallResult.from_dict(await model_call(role, messages, max_tokens, schema))
+
+        engine.call = durable_call
+
     @durable_task
-    async def solve(task: dict[str, Any]) -> dict[str, Any]:
-        outcome = await engine.solve(Task.model_validate(task))
-        return outcome.model_dump(mode="json")
+    async def solve(task: dict[str, Any]) -> bytes:
+        return pack_outcome(await engine.solve(Task.model_validate(task)))
 
     async def durable_spawn(task: Task) -> Outcome:
-        return Outcome.model_validate(await solve(task.model_dump(mode="json")))
+        return unpack_outcome(await solve(task.model_dump(mode="json")))
 
     def _follow_plan(state: RunState) -> None:
         # A run resumed from a checkpoint after the plan node gets the plan the
@@ -103,7 +123,7 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
             # docs/design.md, "Durable runs": replaying thousands of LangGraph
             # tasks cost 5-10 ms each).
             outcomes = await asyncio.gather(*(durable_spawn(child) for child in children))
-            return {"outcomes": [o.model_dump(mode="json") for o in outcomes]}
+            return {"outcomes": [pack_outcome(o) for o in outcomes]}
         root = Task.model_validate(state["task"])
         result = await engine.leaf_attempt(
             root, feedback=state.get("feedback"), max_tokens=state["max_tokens"]
@@ -133,14 +153,15 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
         _follow_plan(state)
         root = Task.model_validate(state["task"])
         if state.get("children"):
-            outcomes = [Outcome.model_validate(o) for o in state.get("outcomes") or []]
+            outcomes = [unpack_outcome(o) for o in state.get("outcomes") or []]
             outcome = await engine.merge(root, outcomes)
         else:
             decision = Decision(**(state.get("decision") or {"action": "fail"}))
             if decision.action == "split":
                 decision = Decision("fail", verdict=decision.verdict, reason=decision.reason)
             outcome = await engine.conclude(root, decision, state.get("attempts", 0))
-        return {"outcome": outcome.model_dump(mode="json")}
+        # The children's outcomes are inside the root's now: drop the copy.
+        return {"outcome": pack_outcome(outcome), "outcomes": []}
 
     builder = StateGraph(RunState)
     builder.add_node("plan", plan)
@@ -155,6 +176,28 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
     builder.add_edge("merge", END)
 
     return builder.compile(checkpointer=checkpointer, name="rlm-graph")
+
+
+def pack_outcome(outcome: Outcome) -> bytes:
+    """An outcome as zlib-compressed JSON, the form it takes in checkpoints.
+
+    A checkpoint copies every channel, and a list answer carries an evidence
+    record per item: on a 20 MB source the plain JSON tree made the store 10x
+    the source (docs/design.md, "Durable runs"); compressed, it is a few percent.
+    """
+    return zlib.compress(outcome.model_dump_json().encode(), 6)
+
+
+def unpack_outcome(data: bytes | dict[str, Any]) -> Outcome:
+    """Read an outcome written by :func:`pack_outcome` (or a plain dict)."""
+    if isinstance(data, dict):
+        return Outcome.model_validate(data)
+    return Outcome.model_validate_json(zlib.decompress(data))
+
+
+def outcome_of(state: dict[str, Any]) -> Outcome:
+    """The root outcome in a finished run's graph state."""
+    return unpack_outcome(state["outcome"])
 
 
 def _decision_dict(decision: Decision) -> dict[str, Any]:

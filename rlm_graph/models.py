@@ -100,6 +100,9 @@ class CallLog(Protocol):
 class MemoryCallLog:
     """A call log held in memory: reuse within one process only."""
 
+    durable = False
+    """Forgotten when the process ends (the graph then makes calls durable tasks)."""
+
     def __init__(self) -> None:
         self._entries: dict[str, Completion] = {}
 

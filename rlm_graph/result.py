@@ -81,7 +81,9 @@ class TaskNode(_Record):
     question: str
     """The sub-question this task answered."""
     answer: Any = None
-    """The task's answer (text, list or count), or None when it found nothing."""
+    """The task's answer, or None when it found nothing. For kinds merged by code
+    (every kind but text) only the root keeps its answer: each parent's answer
+    already holds its children's items and quotes."""
     verdict: str = "ok"
     """What verify said: ok, no-evidence, unsupported, truncated, failed, ..."""
     status: Literal["done", "failed", "stopped"] = "done"

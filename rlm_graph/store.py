@@ -130,13 +130,17 @@ def redact(location: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def open_store(location: str | os.PathLike[str] | None = None) -> AsyncIterator[Store]:
+async def open_store(
+    location: str | os.PathLike[str] | None = None, *, create: bool = True
+) -> AsyncIterator[Store]:
     """Open (and create, if new) a store; closes it on exit.
 
     Args:
         location: a SQLite file path, a ``postgresql://`` URL, or ``"memory"``
             for a store that lives only as long as this context; None uses
             ``$RLM_GRAPH_STORE`` or the per-user default file.
+        create: make a new SQLite store if there is none; with False a missing
+            file is an error (for commands that only read runs).
 
     Raises:
         StoreError: the file is not an rlm-graph store, was written by a newer
@@ -150,7 +154,11 @@ async def open_store(location: str | os.PathLike[str] | None = None) -> AsyncIte
         async with _open_postgres(where) as store:
             yield store
     else:
-        async with _open_sqlite(Path(where).expanduser()) as store:
+        path = Path(where).expanduser()
+        if not create and not path.exists():
+            msg = f"There is no rlm-graph store at {path}: nothing has run with it yet."
+            raise StoreError(msg)
+        async with _open_sqlite(path) as store:
             yield store
 
 
@@ -162,6 +170,9 @@ class Store:
         saver: the LangGraph checkpointer for graph runs.
         kv: the LangGraph key-value store holding calls, runs and sources.
     """
+
+    durable = True
+    """As a call log: it survives the process (as long as the store does)."""
 
     def __init__(self, location: str, saver: Any, kv: Any, locker: _Locker) -> None:
         self.location = location
@@ -281,7 +292,10 @@ class Store:
             except ValueError:
                 logger.warning("skipping an unreadable run record %s", item.key)
                 continue
-            if record.status == "running" and not await self._locker.is_locked(record.run_id):
+            locked = await self._locker.is_locked(record.run_id)
+            if locked:
+                record.status = "running"
+            elif record.status == "running":
                 record.status = "interrupted"
             records.append(record)
         return sorted(records, key=lambda r: r.created_at, reverse=True)

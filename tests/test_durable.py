@@ -368,3 +368,49 @@ def test_cli_store_errors_exit_2_without_traceback(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("error: ")
     assert "Traceback" not in done.stderr
+
+
+async def test_a_finished_run_is_checked_before_its_result_is_returned(tmp_path: Path, book: Path) -> None:
+    store = str(tmp_path / "s.sqlite")
+    with FakeOpenAIServer(item_reply()) as server:
+        await api.arun(
+            QUESTION, [book], store=store, run_id="fin", model="openai/fake-model",
+            api_base=server.api_base, context_window=4096, kind="list", chunk_tokens=64,
+        )
+        sent = len(server.requests)
+        with pytest.raises(ResumeMismatchError, match="asked"):
+            await api.aresume("fin", store=store, question="Another question?")
+        with pytest.raises(ResumeMismatchError, match="chunk_tokens"):
+            await api.aresume("fin", store=store, chunk_tokens=99)
+        # The model it really used is no difference, even if it was not named then.
+        same = await api.aresume("fin", store=store, worker_model="openai/fake-model")
+    assert same.status == "done"
+    assert len(server.requests) == sent
+
+
+async def test_usage_after_a_resume_counts_every_session(store_url: str, book: Path) -> None:
+    failing = _always()
+    with FakeOpenAIServer(item_reply(fail_marker="Paragraph 9.", failing=failing)) as server:
+        first = await api.arun(
+            QUESTION, [book], store=store_url, run_id="twice", model="openai/fake-model",
+            api_base=server.api_base, context_window=4096, kind="list", chunk_tokens=64,
+        )
+        failing.clear()
+        second = await api.aresume("twice", store=store_url, api_base=server.api_base)
+        async with open_store(store_url) as opened:
+            listed = {r.run_id: r for r in await opened.list_runs()}
+    assert first.status == "partial" and second.status == "done"
+    assert second.usage.calls == first.usage.calls + 1 == len(server.requests)
+    assert listed["twice"].progress["calls"] == second.usage.calls
+    assert listed["twice"].progress["leaves_estimate"] == first.usage.calls
+
+
+def test_read_only_commands_do_not_create_a_store(tmp_path: Path) -> None:
+    missing = tmp_path / "typo.sqlite"
+    listing = subprocess.run(cli("runs", store=str(missing)), capture_output=True, text=True)
+    assert listing.returncode == 0
+    assert "no store there yet" in listing.stderr
+    shown = subprocess.run(cli("show", "x", store=str(missing)), capture_output=True, text=True)
+    assert shown.returncode == 2
+    assert "There is no rlm-graph store at" in shown.stderr
+    assert not missing.exists()

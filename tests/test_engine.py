@@ -10,7 +10,7 @@ import pytest
 
 from rlm_graph import RunConfig, arun
 from rlm_graph.api import prepare
-from rlm_graph.graph import build_graph
+from rlm_graph.graph import build_graph, outcome_of
 from rlm_graph.testing import ModelRequest, Reply
 
 from .conftest import count_reply, excerpt_of, list_reply, numbered_paragraphs, text_reply
@@ -44,10 +44,16 @@ async def test_source_text_never_enters_graph_state(scripted):
     config = {"configurable": {"thread_id": "t"}}
     await graph.ainvoke({"question": engine.plan.question}, config)
 
-    state = (await graph.aget_state(config)).values
-    assert "Paragraph 12." not in json.dumps(state)
-    tasks = json.dumps(state).count('"depth"')
-    assert len(json.dumps(state)) < 1000 * tasks, "state grows with tasks, not with text"
+    state = dict((await graph.aget_state(config)).values)
+    packed = state.pop("outcome")
+    assert isinstance(packed, bytes)
+    assert not state.get("outcomes"), "the children's copy is dropped once merged"
+    unpacked = outcome_of({"outcome": packed}).model_dump_json()
+    everything = json.dumps(state) + unpacked
+    assert "Paragraph 12." not in everything
+    tasks = everything.count('"depth"')
+    assert len(everything) < 1000 * tasks, "state grows with tasks, not with text"
+    assert len(packed) < len(unpacked) / 2, "outcomes are stored compressed"
 
 
 async def test_graph_draws_the_five_stages(scripted):

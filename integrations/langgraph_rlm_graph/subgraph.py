@@ -37,8 +37,7 @@ from langgraph.graph.state import CompiledStateGraph
 
 from rlm_graph import Result, RunConfig
 from rlm_graph.api import build_result, prepare
-from rlm_graph.graph import build_graph
-from rlm_graph.nodes.types import Outcome
+from rlm_graph.graph import build_graph, outcome_of
 
 __all__ = ["RlmState", "build_rlm_graph", "rlm_node"]
 
@@ -117,7 +116,7 @@ def rlm_node(
         values = await subgraph.ainvoke(
             {"question": engine.plan.question}, {"recursion_limit": RECURSION_LIMIT}
         )
-        outcome = Outcome.model_validate(values["outcome"])
+        outcome = outcome_of(values)
         result = build_result(
             f"run-{uuid.uuid4().hex[:12]}",
             engine,
