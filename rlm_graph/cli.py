@@ -43,7 +43,6 @@ def main() -> None:
 @click.option("-q", "--question", required=True, help="The question to answer.")
 @click.option("--model", help="Root model: any LiteLLM name (default: the embedded model).")
 @click.option("--worker-model", help="Model for leaf calls (default: --model).")
-@click.option("--judge-model", help="Model for verification (default: --model).")
 @click.option(
     "--router-config", type=click.Path(dir_okay=False),
     help="LiteLLM proxy-style YAML (model_list, router_settings, roles): "
