@@ -38,6 +38,7 @@ from langgraph.graph.state import CompiledStateGraph
 from rlm_graph import Result, RunConfig
 from rlm_graph.api import build_result, prepare
 from rlm_graph.graph import build_graph, outcome_of
+from rlm_graph.store import open_store
 
 __all__ = ["RlmState", "build_rlm_graph", "rlm_node"]
 
@@ -70,6 +71,7 @@ def rlm_node(
     text: StateMap | None = None,
     output: Callable[[Result], dict[str, Any]] | None = None,
     config: RunConfig | None = None,
+    store: str | None = None,
     **settings: Any,
 ) -> RunnableLambda[Any, dict[str, Any]]:
     """Make a node that asks rlm-graph from a parent graph's state.
@@ -81,6 +83,10 @@ def rlm_node(
         output: turns the :class:`~rlm_graph.Result` into the parent's state
             update; default ``{"answer": result.answer}``.
         config: settings of each run; ``settings`` override its fields.
+        store: the rlm-graph store whose call log answers calls already made
+            (SQLite file or PostgreSQL URL); None: ``$RLM_GRAPH_STORE``, else
+            the per-user store. The parent's checkpointer keeps the stages and
+            the root's children; deeper calls are replayed from this log.
 
     Returns:
         A node for ``StateGraph.add_node``; it runs under ``ainvoke``/``astream``.
@@ -112,10 +118,13 @@ def rlm_node(
             **settings,
         )
         started = time.monotonic()
-        subgraph = build_graph(engine)  # no checkpointer: LangGraph lends the parent's
-        values = await subgraph.ainvoke(
-            {"question": engine.plan.question}, {"recursion_limit": RECURSION_LIMIT}
-        )
+        async with open_store(store) as opened:
+            engine.client.call_log = opened
+            # No checkpointer: LangGraph lends the parent's.
+            subgraph = build_graph(engine)
+            values = await subgraph.ainvoke(
+                {"question": engine.plan.question}, {"recursion_limit": RECURSION_LIMIT}
+            )
         outcome = outcome_of(values)
         result = build_result(
             f"run-{uuid.uuid4().hex[:12]}",

@@ -39,11 +39,12 @@ class Parent(TypedDict, total=False):
     report: str
 
 
-def build_parent(checkpointer: Any) -> Any:
+def build_parent(checkpointer: Any, store: str | None = None) -> Any:
     builder = StateGraph(Parent)
     builder.add_node(
         "research",
         rlm_node(
+            store=store,
             question=lambda s: s["query"],
             text=lambda s: s["document"],
             output=lambda result: {"findings": result.answer},
@@ -115,6 +116,7 @@ async def test_subgraph_stores_its_checkpoints_in_the_parents_postgres_thread(
 
 @pytest.mark.postgres
 async def test_interrupted_parent_resumes_inside_the_subgraph_without_repeating_calls(
+    tmp_path,
     scripted, postgres_saver
 ):
     saver, _, _ = postgres_saver
@@ -122,7 +124,8 @@ async def test_interrupted_parent_resumes_inside_the_subgraph_without_repeating_
     question = {"query": "What is the secret code word?", "document": document}
     double = scripted(slow(text_reply(r"The secret code word is (\w+)\."), 0.02))
 
-    full = await build_parent(InMemorySaver()).ainvoke(
+    # The whole run uses a store of its own, so its call log answers nothing below.
+    full = await build_parent(InMemorySaver(), str(tmp_path / "whole.sqlite")).ainvoke(
         question, {"configurable": {"thread_id": "whole"}}
     )
     total = len(double.requests)

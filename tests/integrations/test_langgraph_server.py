@@ -68,6 +68,7 @@ def dev_server(tmp_path):
                 str(port),
                 "--no-browser",
                 "--no-reload",
+                "--allow-blocking",
             ],
             cwd=tmp_path,
             env=env,
