@@ -30,7 +30,11 @@ async def test_embedded_model_answers_with_a_citation_that_is_in_the_source(exce
     result = await arun(QUESTION, [excerpt], chunk_tokens=400)
 
     assert result.models["worker"] == "local/smollm2-135m"
-    assert result.status == "done"
+    # The 135M model sometimes writes a malformed reply twice for one small span;
+    # that span is then reported, not hidden: "partial" with the reason.
+    assert result.status in ("done", "partial")
+    assert all(f.reason for f in result.failures)
+    assert (result.status == "partial") == bool(result.failures)
     assert result.usage.calls >= 2 and result.usage.cost_usd == 0
     assert result.citations, "the answer must be cited"
     text = excerpt.read_text()
