@@ -29,6 +29,7 @@ from pathlib import Path
 import heapq
 
 from rlm_graph.api import execute, prepare
+from rlm_graph.store import open_store
 from rlm_graph.result import TaskNode
 from rlm_graph.testing import ModelRequest, Reply, ScriptedModel
 
@@ -81,7 +82,8 @@ async def measure(folder: Path, latency_s: float, kind: str, concurrency: int) -
             overlap_tokens=0, fan_out=4, max_depth=6, concurrency=concurrency, kind=kind,
         )
         started = time.monotonic()
-        result = await execute(engine)
+        async with open_store("memory") as store:  # a fresh call log for each measurement
+            result = await execute(engine, store=store)
         wall = time.monotonic() - started
     finally:
         double.unregister()

@@ -123,6 +123,7 @@ async def engine_throughput(
         overlap_tokens=0,
         concurrency=concurrency,
         fan_out=16,
+        store="memory",  # a fresh call log per run, and nothing in the user's store
     )
     elapsed = time.monotonic() - started
     calls = result.usage.calls
