@@ -7,12 +7,17 @@ the embedded model).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import litellm
-from litellm_rlm_graph import register
+# LiteLLM fetches its price map from the internet when it is imported, unless
+# told to use the copy it ships: set this before the first `import litellm`.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from rlm_graph import RunConfig
+import litellm  # noqa: E402
+from litellm_rlm_graph import register  # noqa: E402
+
+from rlm_graph import RunConfig  # noqa: E402
 
 BOOK = Path(__file__).with_name("alice_in_wonderland.txt")
 QUESTION = "What were the names of the three sisters in the Dormouse's story?"

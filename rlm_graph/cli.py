@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
@@ -89,6 +90,8 @@ def run_command(
     """Answer QUESTION over SOURCE files, directories or '-' (stdin)."""
     schema_file = options.pop("schema_file", None)
     settings = {key: value for key, value in options.items() if value is not None}
+    if settings.get("api_key"):
+        _RedactSecrets.known.add(settings["api_key"])
     progress = _Progress(enabled=sys.stderr.isatty(), store=store)
     with _errors_to_exit_codes(debug, progress):
         _configure_logging(verbose, debug)
@@ -154,6 +157,8 @@ def resume_command(
     Calls that already returned are answered from the store, not paid again.
     """
     settings = {key: value for key, value in options.items() if value is not None}
+    if settings.get("api_key"):
+        _RedactSecrets.known.add(settings["api_key"])
     progress = _Progress(enabled=sys.stderr.isatty(), store=store)
     with _errors_to_exit_codes(debug, progress):
         _configure_logging(verbose, debug)
@@ -670,6 +675,35 @@ def _print_human(result: Any) -> None:
     )
 
 
+class _RedactSecrets(logging.Filter):
+    """Masks API keys in every log line, LiteLLM's own included (a server that
+    rejects a key often repeats it: "Incorrect API key provided: sk-...")."""
+
+    _PATTERNS = (
+        (r"(API key provided:?\s*)\S+", r"\1***"),
+        (r"(Bearer\s+)[A-Za-z0-9._~+/=-]{4,}", r"\1***"),
+        (r"\b(sk-[A-Za-z0-9]{0,3})[A-Za-z0-9_\-]{4,}", r"\1***"),
+    )
+
+    known: ClassVar[set[str]] = set()
+    """Keys given on the command line (``--api-key``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import re
+
+        message = record.getMessage()
+        redacted = message
+        for pattern, replacement in self._PATTERNS:
+            redacted = re.sub(pattern, replacement, redacted)
+        secrets = {os.environ.get(n) for n in ("RLM_GRAPH_API_KEY", "OPENAI_API_KEY")} | self.known
+        for secret in secrets:
+            if secret and len(secret) >= 4:
+                redacted = redacted.replace(secret, "***")
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
 def _configure_logging(verbose: int, debug: bool) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
@@ -688,6 +722,7 @@ def _configure_logging(verbose: int, debug: bool) -> None:
     handler = RichHandler(
         console=Console(stderr=True), show_path=False, show_time=verbose >= 2, markup=False
     )
+    handler.addFilter(_RedactSecrets())
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
     logging.getLogger("rlm_graph").setLevel(level)
     for noisy in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "httpx", "litellm"):

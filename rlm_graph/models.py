@@ -357,7 +357,10 @@ class ModelClient:
                 _raise_if_error_body(response)
                 # Recorded before the slot is freed: at any moment at most
                 # `concurrency` calls are paid for and not yet in the call log.
-                await self.call_log.put(key, completion)
+                # A reply no run could use (empty, refused, not the JSON asked
+                # for) is not recorded: once the server is fixed, it is asked again.
+                if _usable(completion, params):
+                    await self.call_log.put(key, completion)
         logger.debug(
             "%s call to %s: %d+%d tokens, %s, %.2f s", role, name,
             completion.prompt_tokens, completion.completion_tokens,
@@ -580,6 +583,7 @@ def _is_transient(exc: BaseException) -> bool:
         | litellm.ServiceUnavailableError
         | litellm.APIConnectionError
         | litellm.Timeout
+        | litellm.RouterRateLimitError
         | asyncio.TimeoutError,
     )
 
@@ -587,7 +591,10 @@ def _is_transient(exc: BaseException) -> bool:
 def _mentions_context(exc: BaseException) -> bool:
     import litellm
 
-    if not isinstance(exc, litellm.BadRequestError | litellm.APIError | ModelCallError):
+    # Ollama says it with a 500 (InternalServerError), others with a 400.
+    if not isinstance(
+        exc, litellm.BadRequestError | litellm.APIError | litellm.InternalServerError | ModelCallError
+    ):
         return False
     return bool(_CONTEXT_PATTERNS.search(str(exc)))
 
@@ -643,9 +650,28 @@ def _wait_retry_after(state: RetryCallState) -> float:
     exc = state.outcome.exception() if state.outcome else None
     headers = _headers_of(exc)
     requested = retry_after_seconds(headers)
+    if requested is None and exc is not None:
+        # Every deployment of a group cooling down: LiteLLM's Router says how long.
+        found = _TRY_AGAIN.search(str(exc))
+        requested = min(float(found.group(1)), MAX_RETRY_WAIT_S) if found else None
     if requested is not None:
         return requested
     return float(_backoff(state))
+
+
+def _usable(completion: Completion, params: Mapping[str, Any]) -> bool:
+    """Whether a reply is worth replaying from the call log."""
+    if completion.refusal or not completion.text.strip():
+        return False
+    if "response_format" in params:
+        try:
+            json.loads(completion.text)
+        except ValueError:
+            return False
+    return True
+
+
+_TRY_AGAIN = re.compile(r"[Tt]ry again in (\d+(?:\.\d+)?) seconds")
 
 
 def _headers_of(exc: BaseException | None) -> Mapping[str, str] | None:

@@ -224,13 +224,20 @@ def _read_directory(
 
 
 def _walk(directory: Path) -> Iterable[Path]:
+    inside = directory.resolve()
     for root, dirs, files in os.walk(directory):
         dirs[:] = [d for d in dirs if d not in SKIPPED_DIR_NAMES and not d.startswith(".")]
         for file in files:
             path = Path(root, file)
             # Only regular files: a named pipe or socket would block the read.
-            if not file.startswith(".") and path.is_file():
-                yield path
+            if file.startswith(".") or not path.is_file():
+                continue
+            # A symlink that leads out of the folder is not part of it: reading
+            # it would escape a caller's sandbox (a tool's root_dir).
+            if not path.resolve().is_relative_to(inside):
+                logger.warning("skipping %s: a link to a file outside %s", path, directory)
+                continue
+            yield path
 
 
 def _decode_file(path: Path, name: str, encoding: str) -> str:

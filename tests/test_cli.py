@@ -118,3 +118,19 @@ def test_verbose_logs_never_reach_stdout_with_json(scripted, book):
     result = invoke("run", str(book), "-q", "What is the secret code word?", "--json", "-vv", *SCRIPTED)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["answer"] == "MARIGOLD"
+
+
+def test_log_lines_from_litellm_have_keys_masked():
+    import logging
+
+    from rlm_graph.cli import _RedactSecrets
+
+    _RedactSecrets.known.add("flag-key-12345")
+    record = logging.LogRecord(
+        "LiteLLM", logging.INFO, __file__, 1,
+        "Exception: Incorrect API key provided: sk-secret-XYZ; Bearer tok123456; %s", ("flag-key-12345",), None,
+    )
+    _RedactSecrets().filter(record)
+    line = record.getMessage()
+    assert "sk-secret-XYZ" not in line and "tok123456" not in line and "flag-key-12345" not in line
+    assert "API key provided: ***" in line

@@ -169,3 +169,35 @@ async def test_global_concurrency_limit():
 def test_unknown_model_name_is_a_config_error():
     with pytest.raises(ConfigError, match="Unknown model 'nonsense-model-xyz'"):
         ModelClient(RunConfig(model="nonsense-model-xyz"))
+
+
+def test_router_cooldown_is_retried_after_the_time_it_names():
+    import litellm
+
+    from rlm_graph.models import _is_transient, _wait_retry_after
+
+    cooling = litellm.RouterRateLimitError(
+        model="fast", cooldown_time=2.0, enable_pre_call_checks=False, cooldown_list=[]
+    )
+    assert _is_transient(cooling)
+
+    class Outcome:
+        def exception(self):
+            return cooling
+
+    class State:
+        outcome = Outcome()
+        attempt_number = 1
+
+    assert 1.9 <= _wait_retry_after(State()) <= 2.1  # type: ignore[arg-type]
+
+
+def test_unusable_replies_are_not_recorded_in_the_call_log():
+    from rlm_graph.models import Completion, _usable
+
+    asked_json = {"response_format": {"type": "json_schema"}}
+    assert _usable(Completion('{"a": 1}', "stop", 1, 1), asked_json)
+    assert not _usable(Completion("not json", "stop", 1, 1), asked_json)
+    assert not _usable(Completion("", "stop", 1, 0), {})
+    assert not _usable(Completion("x", "stop", 1, 1, refusal="no"), {})
+    assert _usable(Completion("plain text", "stop", 1, 1), {})

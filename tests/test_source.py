@@ -78,3 +78,19 @@ def test_stdin_dash_reads_given_text():
     assert "from a pipe" in source.text
     with pytest.raises(SourceError, match="stdin is empty"):
         load_source(["-"], stdin_text="  \n")
+
+
+def test_a_directory_walk_does_not_follow_links_out_of_the_directory(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("a secret outside the folder")
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("inside text")
+    (folder / "link.txt").symlink_to(outside)
+    (folder / "inner.txt").symlink_to(folder / "a.txt")
+
+    source = load_source([str(folder)])
+
+    assert "secret" not in source.text
+    # A link inside the folder is followed (and read once with its target).
+    assert [f.name.rsplit("/", 1)[-1] for f in source.files] == ["a.txt"]
