@@ -419,9 +419,46 @@ def _read_schema(path: str) -> dict[str, Any]:
 
 
 def _await(coro: Any) -> Any:
-    import asyncio
+    """Run a coroutine; a Ctrl-C cancels it and always ends in KeyboardInterrupt.
 
-    return asyncio.run(coro)
+    asyncio's own handler raises KeyboardInterrupt only if the cancelled task
+    ends with CancelledError; one that swallowed the cancel (a library
+    catching it mid-call) would otherwise run on and exit 0. A second Ctrl-C
+    stops at once.
+    """
+    import asyncio
+    import signal
+
+    asked: list[bool] = []
+
+    async def guarded() -> Any:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if asked:
+                raise KeyboardInterrupt
+            asked.append(True)
+            if task is not None:
+                loop.call_soon_threadsafe(task.cancel)
+
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return await coro  # signals reach only the main thread
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            return await coro
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    try:
+        result = asyncio.run(guarded())
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
+    if asked:
+        raise KeyboardInterrupt
+    return result
 
 
 def _run_row(record: Any) -> dict[str, Any]:

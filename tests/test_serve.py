@@ -254,7 +254,7 @@ def test_cli_serve_answers_and_stops_on_ctrl_c(tmp_path):
             )
         finally:
             process.send_signal(signal.SIGINT)
-            process.wait(20)
+            process.wait(60)
     assert process.returncode == 0
     assert "stopped." in process.stderr.read()
 
