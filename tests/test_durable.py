@@ -70,7 +70,11 @@ def cli(*args: str, store: str) -> list[str]:
 
 def start(command: list[str]) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Ctrl-C not ignored in the child, as an interactive shell starts it.
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def kill_when(proc: subprocess.Popen[str], server: FakeOpenAIServer, requests: int) -> int:

@@ -236,6 +236,9 @@ def test_cli_serve_answers_and_stops_on_ctrl_c(tmp_path):
             env=env,
             stderr=subprocess.PIPE,
             text=True,
+            # As an interactive shell starts it: Ctrl-C not ignored, even if an
+            # earlier test left SIGINT ignored in this process (children inherit that).
+            preexec_fn=_default_sigint,
         )
         try:
             url = _announced_url(process)
@@ -257,6 +260,10 @@ def test_cli_serve_answers_and_stops_on_ctrl_c(tmp_path):
             process.wait(60)
     assert process.returncode == 0
     assert "stopped." in process.stderr.read()
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _announced_url(process: subprocess.Popen[str]) -> str:
