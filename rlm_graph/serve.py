@@ -127,6 +127,10 @@ def create_app(
     return app
 
 
+SHUTDOWN_GRACE_S = 5.0
+"""How long a stopping server waits for requests in flight."""
+
+
 async def serve(
     config: RunConfig,
     settings: ServeSettings | None = None,
@@ -139,7 +143,9 @@ async def serve(
         on_ready: called with the base URL (``http://host:port/v1``) once listening.
     """
     settings = settings or ServeSettings()
-    runner = web.AppRunner(create_app(config, settings), access_log=None)
+    # On Ctrl-C, requests in flight get a few seconds, not aiohttp's default 60:
+    # an idle keep-alive connection held the process open for the full minute.
+    runner = web.AppRunner(create_app(config, settings), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
