@@ -25,6 +25,7 @@ from rlm_graph.errors import BudgetExceeded, ContextWindowError, ModelCallError
 from rlm_graph.models import Completion, ModelClient, Role
 from rlm_graph.nodes.merge import (
     dedupe_text,
+    short_candidates,
     merge_by_code,
     merge_evidence,
     usable_answers,
@@ -38,8 +39,11 @@ from rlm_graph.nodes.plan import (
     preview_source,
 )
 from rlm_graph.nodes.prompts import (
+    NONE_OF_THEM,
     JUDGE_SCHEMA,
     MERGE_SCHEMA,
+    choice_schema,
+    choose_messages,
     judge_messages,
     leaf_messages,
     merge_messages,
@@ -112,6 +116,9 @@ class Decision:
 
 
 PLAN_OUTPUT_TOKENS = 200
+MAX_REJECTED_SPLITS = 1
+_SIZE_VERDICTS = frozenset({"context-window", "truncated"})
+CHOICE_OUTPUT_TOKENS = 64
 
 CallFn = Callable[[Role, list[dict[str, str]], int, dict[str, Any] | None], Awaitable[CallResult]]
 SpawnFn = Callable[[Task], Awaitable[Outcome]]
@@ -279,9 +286,19 @@ class Engine:
             return True
         return self._filter.search(self.source.text, task.start, task.end) is not None
 
-    def can_split_finer(self, task: Task) -> bool:
-        """Whether a failing leaf may still be cut into smaller pieces."""
-        return task.depth < self.plan.max_depth and task.tokens >= 2 * MIN_LEAF_TOKENS
+    def can_split_finer(self, task: Task, verdict: str = "context-window") -> bool:
+        """Whether a failing leaf may still be cut into smaller pieces.
+
+        A span too big for the window or the output is cut as often as needed.
+        A span whose answers were rejected is cut once (into halves of up to
+        :data:`MAX_REJECTED_SPLITS` levels): smaller spans help a weak model
+        sometimes, but a model that fails again on the halves would otherwise
+        be asked again on quarters, eighths ... (a 1,500-token span cost 17-28
+        calls and about 10 minutes on the embedded model before this cap).
+        """
+        if task.depth >= self.plan.max_depth or task.tokens < 2 * MIN_LEAF_TOKENS:
+            return False
+        return verdict in _SIZE_VERDICTS or task.rejected_splits < MAX_REJECTED_SPLITS
 
     # -- delegate -------------------------------------------------------------
 
@@ -364,7 +381,7 @@ class Engine:
             return self._split_or_fail(task, "truncated", f"reply cut off at {max_tokens} output tokens")
         if re_asks < self.config.verify_retries:
             return Decision("retry", verdict=verdict.code, feedback=verdict.feedback, max_tokens=max_tokens)
-        if verdict.code in ("no-evidence", "restated") and not self.can_split_finer(task):
+        if verdict.code in ("no-evidence", "restated") and not self.can_split_finer(task, verdict.code):
             # An answer its own span does not support is dropped, not merged.
             return Decision("accept", answer=Answer(kind=self.plan.kind, found=False), verdict="unsupported")
         return self._split_or_fail(task, verdict.code, f"reply {verdict.code} after {re_asks + 1} tries")
@@ -400,7 +417,7 @@ class Engine:
         return replace(self._split_or_fail(task, "judge-rejected", verdict), judge=verdict)
 
     def _split_or_fail(self, task: Task, verdict: str, reason: str) -> Decision:
-        if self.can_split_finer(task):
+        if self.can_split_finer(task, verdict):
             return Decision("split", verdict=verdict, reason=reason)
         return Decision("fail", verdict=verdict, reason=reason)
 
@@ -409,7 +426,9 @@ class Engine:
     async def merge(self, task: Task, children: list[Outcome]) -> Outcome:
         """Combine children's outcomes into the parent's outcome."""
         answers = usable_answers(children)
-        if self.plan.kind != "text":
+        if self.plan.kind == "short":
+            answer = await self._merge_short(answers)
+        elif self.plan.kind != "text":
             answer = merge_by_code(self.plan.kind, answers)
         elif len(answers := dedupe_text(answers)) <= 1:
             answer = answers[0] if answers else Answer(kind="text", found=False)
@@ -418,7 +437,7 @@ class Engine:
 
         failed = all(child.status == "failed" for child in children)
         stopped = not failed and any(child.status == "stopped" for child in children)
-        if self.plan.kind != "text":
+        if self.plan.kind not in ("text", "short"):
             # Merged by code: the parent's answer holds every item and quote of
             # its children, so their copies would only multiply the tree's size
             # by its depth (20 MB list run: 19 MB of tree). Structure, verdicts
@@ -430,6 +449,30 @@ class Engine:
             verdict="ok", children=tuple(children),
             reason="every part failed" if failed else "a budget stopped some parts" if stopped else None,
         )
+
+    async def _merge_short(self, answers: list[Answer]) -> Answer:
+        """One short answer from several: by code when they agree or one sentence
+        matches the question best; the root model chooses only among a tie."""
+        candidates = short_candidates(answers, self.plan.question)
+        if not candidates:
+            return Answer(kind="short", found=False)
+        top = [answer for score, answer in candidates if score == candidates[0][0]]
+        if len(top) == 1:
+            return top[0]
+        messages = choose_messages(
+            self.plan.question, [(a.text or "", a.evidence[0].quote if a.evidence else "") for a in top]
+        )
+        schema = choice_schema([a.text or "" for a in top])
+        result = await self.call("root", messages, CHOICE_OUTPUT_TOKENS, schema)
+        data = parse_json_reply(result.completion.text) if result.completion else None
+        said = str(data.get("answer") or "") if isinstance(data, dict) else ""
+        for answer in top:
+            if said == answer.text:
+                return answer
+        if said == NONE_OF_THEM:
+            return Answer(kind="short", found=False)
+        logger.warning("the root model chose none of %d tied short answers; keeping the first", len(top))
+        return top[0]
 
     async def _merge_text(self, answers: list[Answer]) -> Answer:
         while len(answers) > 1:
@@ -524,6 +567,8 @@ class Engine:
         if decision.action == "split":
             logger.info("task %s: %s; splitting finer", task.id, decision.reason)
             children = self.split(task, finer=True)
+            if decision.verdict not in _SIZE_VERDICTS:
+                children = [c.model_copy(update={"rejected_splits": task.rejected_splits + 1}) for c in children]
             if children:
                 outcome = await self.solve_children(task, children)
                 return outcome.model_copy(update={

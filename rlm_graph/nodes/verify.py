@@ -21,7 +21,7 @@ from rlm_graph.models import Completion
 from rlm_graph.nodes.types import Answer, Evidence, Item, Kind, Record, Row, Task
 from rlm_graph.source import FILE_HEADER_MARK
 
-__all__ = ["Verdict", "locate_quote", "verify_leaf"]
+__all__ = ["Verdict", "locate_quote", "question_overlap", "verify_leaf"]
 
 MIN_QUOTE_CHARS = 8
 # Straight, curly and typewriter-style quote marks are interchangeable in a quote.
@@ -230,6 +230,74 @@ def _check_text(text: str, task: Task, data: dict[str, Any]) -> Verdict:
     return Verdict(True, "ok", Answer(kind="text", found=True, text=answer, evidence=(evidence,)))
 
 
+def question_overlap(sentence: str, question: str) -> int:
+    """How many of the question's content words a sentence contains."""
+    asked = {w for w in _words(question) if w not in _STOP_WORDS}
+    return len(asked & set(_words(sentence)))
+
+
+def _check_short(text: str, task: Task, data: dict[str, Any]) -> Verdict:
+    """A short answer must be copied from the span; code finds it there.
+
+    The answer's own occurrence is the evidence: the sentence around it that
+    shares the most content words with the question. Weak models copy well
+    and paraphrase badly, so nothing the span does not contain is accepted.
+    """
+    answer = str(data.get("answer") or "").strip().strip(_QUOTE_MARKS).strip().rstrip(".,;:!?").strip()
+    if not answer or _NOT_STATED.match(answer):
+        return Verdict(True, "ok", Answer(kind="short", found=False))
+    words = _words(answer)
+    if len(words) > 1 and not _own_words(answer, task.question):
+        return Verdict(False, "restated", feedback=(
+            "Your answer only repeats the question. Copy the words of the excerpt "
+            'that answer it, or answer "not stated".'
+        ))
+    best: tuple[int, Evidence, str] | None = None
+    # A model that copied a sentence and ran on past it: its first sentence counts.
+    first = next(iter(_SENTENCE.finditer(answer)), None)
+    tries = [answer]
+    if first is not None and first.group(0).strip().rstrip(".!?") not in ("", answer):
+        tries.append(first.group(0).strip().rstrip(".!?"))
+    for attempt in tries:
+        for match in _answer_pattern(attempt).finditer(text, task.start, task.end):
+            sentence = _sentence_around(text, task.start, task.end, match.start(), match.end())
+            score = question_overlap(sentence.quote, task.question)
+            if best is None or score > best[0]:
+                best = (score, sentence, match.group(0))
+        if best is not None:
+            break
+    if best is None:
+        return Verdict(False, "no-evidence", feedback=(
+            "Your answer does not occur in the excerpt. Copy the answer exactly as "
+            'it is written there, or answer "not stated".'
+        ))
+    if best[0] == 0:
+        return Verdict(False, "no-evidence", feedback=(
+            "The excerpt uses your answer in a sentence unrelated to the question. "
+            'Copy the words that answer the question, or answer "not stated".'
+        ))
+    return Verdict(True, "ok", Answer(kind="short", found=True, text=best[2], evidence=(best[1],)))
+
+
+def _answer_pattern(answer: str) -> regex.Pattern[str]:
+    """The answer as whole words, tolerant of whitespace, case and quote marks."""
+    body = _tolerant_pattern(answer).pattern
+    return regex.compile(rf"(?<!\w){body}(?!\w)", regex.IGNORECASE | regex.V1)
+
+
+def _sentence_around(text: str, start: int, end: int, at: int, stop: int) -> Evidence:
+    """The sentence of ``text[start:end]`` holding ``text[at:stop]`` (or the
+    match itself when it spans sentences)."""
+    for match in _SENTENCE.finditer(text, start, end):
+        if match.start() <= at and stop <= match.end():
+            sentence = match.group(0).strip()
+            offset = match.start() + match.group(0).index(sentence)
+            return Evidence(quote=sentence, start=offset, end=offset + len(sentence))
+        if match.start() > at:
+            break
+    return Evidence(quote=text[at:stop], start=at, end=stop)
+
+
 def _check_list(text: str, task: Task, data: dict[str, Any]) -> Verdict:
     items: list[Item] = []
     missing = 0
@@ -352,6 +420,7 @@ def _check_schema(text: str, task: Task, data: dict[str, Any], record_schema: di
 
 _CHECKS = {
     "text": _check_text,
+    "short": _check_short,
     "list": _check_list,
     "count": _check_count,
     "table": _check_table,
