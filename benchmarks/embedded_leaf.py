@@ -256,6 +256,47 @@ def judge(case: Case, kind: str, completion: Completion, name: str = "engine") -
     return int(ok), int(case.expected.casefold() in raw_answer.casefold()), shown
 
 
+def run_engine(cases: list[Case], args: argparse.Namespace) -> None:
+    """The ``run`` variant: each case through the whole engine (one leaf of the
+    planned size, rules' plan), with its re-asks, focus and finer splits."""
+    import asyncio
+
+    from rlm_graph import arun
+
+    async def one(case: Case) -> tuple[int, int, float, str, str]:
+        started = time.perf_counter()
+        result = await arun(case.question, text=case.text, kind=args.kind, planner="rules",
+                            chunk_tokens=args.chunk_tokens, store="memory")
+        elapsed = time.perf_counter() - started
+        said = str(result.answer) if result.found else "-"
+        if case.expected is None:
+            ok = int(not result.found)
+        else:
+            ok = int(result.found and case.expected.casefold() in said.casefold())
+        verdicts = ",".join(sorted({n.verdict for n in _walk(result.tree)}))
+        return ok, result.usage.calls, elapsed, said, verdicts
+
+    scores, calls, seconds = [], 0, 0.0
+    for case in cases:
+        ok, n, elapsed, said, verdicts = asyncio.run(one(case))
+        scores.append(ok)
+        calls += n
+        seconds += elapsed
+        print(f"{case.name:18} run ok={ok} calls={n} {elapsed:5.1f}s want={case.expected!s:10} "
+              f"got={said[:60]!r} verdicts={verdicts}", flush=True)
+    pos = [s for s, c in zip(scores, cases) if c.expected is not None]
+    neg = [s for s, c in zip(scores, cases) if c.expected is None]
+    print(f"\n{len(cases)} cases, seed {args.seed}, load {os.getloadavg()[0]:.1f}")
+    print(f"run        accuracy {sum(scores) / len(scores):.2f} (found {sum(pos)}/{len(pos)}, "
+          f"negatives {sum(neg)}/{len(neg)}), {calls} calls, {seconds:.0f} s")
+
+
+def _walk(node: Any) -> Any:
+    yield node
+    for child in node.children:
+        yield from _walk(child)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="old,engine")
@@ -265,6 +306,7 @@ def main() -> None:
     parser.add_argument("--negatives", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--only", default="", help="comma-separated case indexes")
+    parser.add_argument("--chunk-tokens", type=int, default=1500, help="run variant: leaf size")
     parser.add_argument("--reask", action="store_true",
                         help="engine variant: ask a rejected reply again once with the reason, as the engine does")
     parser.add_argument("--json", type=Path, help="write every reply here")
@@ -273,6 +315,9 @@ def main() -> None:
     cases = make_cases(args.seed, args.cases, args.negatives)
     if args.only:
         cases = [cases[int(i)] for i in args.only.split(",")]
+    if args.variants == "run":
+        run_engine(cases, args)
+        return
     chosen = {name: spec for name, spec in variants(args.kind).items() if name in args.variants.split(",")}
     models = local.LocalModels(n_threads=1)
     scores: dict[str, list[int]] = {name: [] for name in chosen}

@@ -174,3 +174,52 @@ async def test_a_span_whose_answers_keep_failing_is_split_finer_only_once(script
     assert {n.verdict for n in tree if n.depth == 1} == {"split-after-no-evidence"}
     assert all(n.attempts == 2 and n.verdict == "unsupported" for n in leaves)
     assert len(double.requests) == 2 * (len(leaves) + sum(1 for n in tree if n.depth == 1))
+
+
+def test_a_restated_answer_points_at_its_sentence():
+    verdict = verify_leaf(TEXT, task(), "short", reply("the code for the red door"))
+
+    assert verdict.code == "restated"
+    assert verdict.focus is not None and verdict.focus.quote == "The code for the red door is 7781."
+    # "leaves" for "leave": a word sharing its first letters with the question's is not new.
+    train = "The train leaves at 9:40. It is late."
+    said = verify_leaf(train, task(0, len(train), "When does the train leave?"), "short", reply("the train leaves"))
+    assert said.code == "restated" and said.focus.quote == "The train leaves at 9:40."
+
+
+async def test_a_leaf_that_restates_is_asked_about_that_sentence_alone(scripted):
+    # Like the 135M model: over a whole span it copies the start of the right
+    # sentence and stops; given that sentence alone it answers.
+    def model(request: ModelRequest) -> str:
+        excerpt = excerpt_of(request) or ""
+        if excerpt.strip() == "The code for the red door is 7781.":
+            return json.dumps({"answer": "7781"})
+        if "red door" in excerpt:
+            return json.dumps({"answer": "The code for the red door"})
+        return json.dumps({"answer": "not stated"})
+
+    double = scripted(model)
+    result = await arun(QUESTION, text=DOORS, model="scripted/m", kind="short", chunk_tokens=120,
+                        context_window=4096)
+
+    assert result.answer == "7781"
+    assert [c.quote for c in result.citations] == ["The code for the red door is 7781."]
+    sentence = "The code for the red door is 7781."
+    focused = [r for r in double.requests if (excerpt_of(r) or "").strip() == sentence]
+    spans_with_it = {excerpt_of(r) for r in double.requests if sentence in (excerpt_of(r) or "")} - {sentence}
+    assert len(focused) == len(spans_with_it) >= 1, "one focused question per span that restated"
+
+
+async def test_the_root_leaf_is_focused_too(scripted):
+    text = "Alice sat by the river bank. The code for the red door is 7781. Nobody came by."
+
+    def model(request: ModelRequest) -> str:
+        excerpt = (excerpt_of(request) or "").strip()
+        if excerpt == "The code for the red door is 7781.":
+            return json.dumps({"answer": "7781"})
+        return json.dumps({"answer": "the code for the red door"})
+
+    scripted(model)
+    result = await arun(QUESTION, text=text, model="scripted/m", kind="short", context_window=4096)
+
+    assert result.answer == "7781" and result.tree.attempts == 2

@@ -49,13 +49,13 @@ from rlm_graph.nodes.prompts import (
     merge_messages,
     schema_for,
 )
-from rlm_graph.nodes.types import Answer, Outcome, Plan, Task
+from rlm_graph.nodes.types import Answer, Evidence, Outcome, Plan, Task
 from rlm_graph.nodes.verify import Verdict, parse_json_reply, verify_leaf
 from rlm_graph.source import Source
 from rlm_graph.split import split_span
 from rlm_graph.tree import Group, boundary_levels, child_groups, root_height
 
-__all__ = ["CallResult", "Decision", "Engine", "Event"]
+__all__ = ["SIZE_VERDICTS", "CallResult", "Decision", "Engine", "Event"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +113,13 @@ class Decision:
     reason: str | None = None
     judge: str | None = None
     """The judge's verdict on the answer, when a judge checked it."""
+    focus: Evidence | None = None
+    """A sentence of the span the rejected reply pointed at (see :meth:`Engine.focus`)."""
 
 
 PLAN_OUTPUT_TOKENS = 200
 MAX_REJECTED_SPLITS = 1
-_SIZE_VERDICTS = frozenset({"context-window", "truncated"})
+SIZE_VERDICTS = frozenset({"context-window", "truncated"})
 CHOICE_OUTPUT_TOKENS = 64
 
 CallFn = Callable[[Role, list[dict[str, str]], int, dict[str, Any] | None], Awaitable[CallResult]]
@@ -298,7 +300,7 @@ class Engine:
         """
         if task.depth >= self.plan.max_depth or task.tokens < 2 * MIN_LEAF_TOKENS:
             return False
-        return verdict in _SIZE_VERDICTS or task.rejected_splits < MAX_REJECTED_SPLITS
+        return verdict in SIZE_VERDICTS or task.rejected_splits < MAX_REJECTED_SPLITS
 
     # -- delegate -------------------------------------------------------------
 
@@ -372,6 +374,12 @@ class Engine:
         )
         if verdict.ok:
             return Decision("accept", answer=verdict.answer, verdict="ok")
+        if verdict.focus is not None:
+            return replace(self._after_rejection(task, verdict, max_tokens=max_tokens, re_asks=re_asks),
+                           focus=verdict.focus)
+        return self._after_rejection(task, verdict, max_tokens=max_tokens, re_asks=re_asks)
+
+    def _after_rejection(self, task: Task, verdict: Verdict, *, max_tokens: int, re_asks: int) -> Decision:
         if verdict.code == "truncated":
             # finish_reason=length: more room while the ceiling allows, else a
             # smaller span (a re-ask with the same room would be cut off again).
@@ -541,16 +549,43 @@ class Engine:
         feedback: str | None = None
         max_tokens = self.plan.output_tokens
         re_asks = attempts = 0
+        focused = False
         while True:
             result = await self.leaf_attempt(task, feedback=feedback, max_tokens=max_tokens)
             attempts += 1
             decision = self.decide(task, result, max_tokens=max_tokens, re_asks=re_asks)
+            if decision.focus is not None and not focused:
+                focused = True
+                attempts += 1
+                decision = await self.focus(task, decision, max_tokens=max_tokens)
             decision = await self.judge(task, decision, re_asks=re_asks)
             if decision.action == "retry":
                 re_asks += 1 if decision.feedback else 0
                 feedback, max_tokens = decision.feedback, decision.max_tokens
                 continue
             return await self.conclude(task, decision, attempts)
+
+    async def focus(self, task: Task, decision: Decision, *, max_tokens: int) -> Decision:
+        """Ask once more about the one sentence a rejected reply pointed at.
+
+        A weak model that restates the question has usually copied the start
+        of the sentence that answers it. That sentence alone is an excerpt it
+        can read; if the answer it then gives passes verification there (and so
+        in the span), it is accepted, else the first decision stands.
+        """
+        where = decision.focus
+        assert where is not None
+        zoom = task.model_copy(update={
+            "start": where.start, "end": where.end, "tokens": self.count(where.start, where.end),
+        })
+        result = await self.leaf_attempt(zoom, feedback=None, max_tokens=max_tokens)
+        if result.completion is None:
+            return decision
+        verdict = verify_leaf(self.source.text, zoom, self.plan.kind, result.completion, self.plan.record_schema)
+        if verdict.ok and verdict.answer is not None and verdict.answer.found:
+            logger.info("task %s: answered from the sentence its first reply pointed at", task.id)
+            return Decision("accept", answer=verdict.answer, verdict="ok-focused")
+        return decision
 
     async def conclude(self, task: Task, decision: Decision, attempts: int) -> Outcome:
         """Turn a final decision about a leaf into its outcome."""
@@ -567,7 +602,7 @@ class Engine:
         if decision.action == "split":
             logger.info("task %s: %s; splitting finer", task.id, decision.reason)
             children = self.split(task, finer=True)
-            if decision.verdict not in _SIZE_VERDICTS:
+            if decision.verdict not in SIZE_VERDICTS:
                 children = [c.model_copy(update={"rejected_splits": task.rejected_splits + 1}) for c in children]
             if children:
                 outcome = await self.solve_children(task, children)

@@ -55,6 +55,9 @@ class Verdict:
     answer: Answer | None = None
     feedback: str | None = None
     """Why the reply was rejected, worded for the model."""
+    focus: Evidence | None = None
+    """For a rejected short answer that only restated the question: the sentence
+    of the span it was copied from, where the answer probably is."""
 
 
 def verify_leaf(
@@ -246,9 +249,12 @@ def _check_short(text: str, task: Task, data: dict[str, Any]) -> Verdict:
     answer = str(data.get("answer") or "").strip().strip(_QUOTE_MARKS).strip().rstrip(".,;:!?").strip()
     if not answer or _NOT_STATED.match(answer):
         return Verdict(True, "ok", Answer(kind="short", found=False))
-    words = _words(answer)
-    if len(words) > 1 and not _own_words(answer, task.question):
-        return Verdict(False, "restated", feedback=(
+    if _repeats_question(answer, task.question):
+        # Small models often copy the start of the right sentence and stop where
+        # the answer begins; that sentence is worth reading again on its own.
+        found = _answer_pattern(answer).search(text, task.start, task.end)
+        focus = _sentence_around(text, task.start, task.end, found.start(), found.end()) if found else None
+        return Verdict(False, "restated", focus=focus, feedback=(
             "Your answer only repeats the question. Copy the words of the excerpt "
             'that answer it, or answer "not stated".'
         ))
@@ -277,6 +283,15 @@ def _check_short(text: str, task: Task, data: dict[str, Any]) -> Verdict:
             'Copy the words that answer the question, or answer "not stated".'
         ))
     return Verdict(True, "ok", Answer(kind="short", found=True, text=best[2], evidence=(best[1],)))
+
+
+def _repeats_question(answer: str, question: str) -> bool:
+    """Whether a short answer of several words has no word of its own: each is a
+    stop word or shares its first four letters with a word of the question
+    ("leaves" for "leave")."""
+    words = _words(answer)
+    asked = {w[:4] for w in _words(question)}
+    return len(words) > 1 and all(w in _STOP_WORDS or w[:4] in asked for w in words)
 
 
 def _answer_pattern(answer: str) -> regex.Pattern[str]:
