@@ -274,6 +274,7 @@ def prepare(
     plan = make_plan(
         question, source, config,
         count=lambda t: client.count_tokens("worker", t), window=window,
+        local_worker=client.is_local("worker"),
     )
     return Engine(source, config, plan, client, emit=on_event)
 

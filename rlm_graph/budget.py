@@ -60,9 +60,10 @@ class Budget:
         self._clock = clock
         self._started = clock()
         self.calls = 0
-        """Attempts sent (each retry counts)."""
+        """Attempts sent (each retry counts; none the Router refused unsent)."""
         self.tokens = 0
-        """Prompt plus completion tokens of the attempts that returned."""
+        """Prompt plus completion tokens of the attempts that returned, and the
+        prompt tokens of those that timed out."""
         self.cost_usd = 0.0
         self._held_tokens = 0
         self._held_cost = 0.0
@@ -120,6 +121,12 @@ class Budget:
         if remaining is not None and remaining <= 0:
             return "max-time", f"{self.max_time_s:g} s"
         return None
+
+    def cancel(self, reservation: _Reservation) -> None:
+        """Give back an attempt that was never sent: its call and its hold."""
+        self.calls -= 1
+        self._held_tokens -= reservation.tokens
+        self._held_cost -= reservation.cost
 
     def settle(self, reservation: _Reservation, tokens: int, cost: float) -> None:
         """Replace an attempt's reservation by what it really spent."""

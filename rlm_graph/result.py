@@ -34,7 +34,8 @@ class Usage(_Record):
     """Model calls and what they cost."""
 
     calls: int = 0
-    """Model calls sent (retries of one call count once each attempt)."""
+    """Model calls sent (retries of one call count once each attempt). An
+    attempt the Router refused before sending anything is not a call."""
     cached_calls: int = 0
     """Calls answered from the call log instead of the model."""
     prompt_tokens: int = 0
@@ -43,11 +44,15 @@ class Usage(_Record):
     """Cost from LiteLLM's offline price map; local models cost 0."""
     cost_known: bool = True
     """False when some call's model had no known price (its cost counted as 0)."""
+    timed_out_calls: int = 0
+    """Attempts that timed out (also in ``calls``). Their prompt tokens are
+    counted in ``prompt_tokens`` and cost: a provider may bill them."""
 
     def add(self, other: Usage) -> None:
         """Add another usage record to this one, in place."""
         self.calls += other.calls
         self.cached_calls += other.cached_calls
+        self.timed_out_calls += other.timed_out_calls
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.cost_usd += other.cost_usd

@@ -110,8 +110,13 @@ def make_plan(
     *,
     count: TokenCounter,
     window: int,
+    local_worker: bool | None = None,
 ) -> Plan:
     """Fix kind, sub-question and span budgets for a run.
+
+    ``local_worker`` says whether the worker is the embedded model (its spans
+    default to :data:`LOCAL_LEAF_TOKENS`); None reads it from the model name
+    in ``config`` (a router config's groups need it said).
 
     Raises:
         ConfigError: the worker's window cannot hold the instructions, the
@@ -140,7 +145,9 @@ def make_plan(
             "--max-output-tokens."
         )
         raise ConfigError(msg)
-    default = LOCAL_LEAF_TOKENS if config.leaf_model.startswith("local/") else usable
+    if local_worker is None:
+        local_worker = config.leaf_model.startswith("local/")
+    default = LOCAL_LEAF_TOKENS if local_worker else usable
     leaf_tokens = min(config.chunk_tokens or default, usable)
     overlap = min(config.overlap_tokens, leaf_tokens // 4)
 
