@@ -657,13 +657,25 @@ def _print_estimate(engine: Any, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(figures.model_dump(mode="json"), indent=2))
         return
-    cost = "unknown (no price for a model; see --price-in)" if figures.cost_usd is None else f"${figures.cost_usd:.4f}"
+    cost = (
+        "unknown (no price for a model; see --price-in)"
+        if figures.cost_usd is None
+        else f"up to ${figures.cost_usd:.4f}"
+    )
+    plan = "1 plan + " if figures.plan_calls else ""
+    merges = (
+        f" (+ up to {figures.merge_prompt_tokens:,} in merges)"
+        if figures.merge_prompt_tokens
+        else ""
+    )
     click.echo(
         f"dry run: {engine.source.describe()}, {engine.plan.source_tokens:,} tokens, "
         f"{engine.plan.kind} answer\n"
         f"  pieces:     {figures.pieces:,} (skipped by --filter: {figures.skipped:,}; depth {figures.depth})\n"
-        f"  calls:      {figures.calls:,} ({figures.leaf_calls:,} leaf + up to {figures.merge_calls:,} merge)\n"
-        f"  tokens:     {figures.prompt_tokens:,} prompt + up to {figures.completion_tokens:,} completion\n"
+        f"  calls:      {figures.calls:,} ({plan}{figures.leaf_calls:,} leaf + "
+        f"up to {figures.merge_calls:,} merge)\n"
+        f"  tokens:     {figures.prompt_tokens:,} prompt{merges} + up to "
+        f"{figures.completion_tokens:,} completion\n"
         f"  cost:       {cost}\n"
         "  (first attempts only: retries, re-asks and finer splits add to these)"
     )
