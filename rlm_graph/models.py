@@ -492,7 +492,9 @@ class ModelClient:
         self, group: Group, deployment: Deployment | None, exc: BaseException
     ) -> None:
         """After a 429, pause the quota that gave it, on every deployment using it."""
-        if not isinstance(exc, self._litellm.RateLimitError):
+        if not isinstance(exc, Exception) or not isinstance(
+            exc, self._litellm.RateLimitError
+        ):
             return
         wait = retry_after_seconds(_headers_of(exc))
         wait = wait if wait is not None else DEFAULT_RATE_LIMIT_PAUSE_S
@@ -511,7 +513,7 @@ class ModelClient:
             cooldowns = self.router.health().cooldowns
             for other in paused:
                 # The Router then picks another deployment of the group, if any.
-                cooldowns.add_deployment_to_cooldown(other.id, exc, 429, wait)  # type: ignore[arg-type]
+                cooldowns.add_deployment_to_cooldown(other.id, exc, 429, wait)
         setattr(exc, _QUOTA_PAUSED, wait)
 
     def _limits_of(self, name: str) -> _GroupLimits:
@@ -547,7 +549,7 @@ class ModelClient:
             completion_tokens=completion_tokens,
             cost_usd=cost or 0.0,
             cost_known=cost is not None,
-            model=deployment.model if deployment else str(response.model),
+            model=deployment.model if deployment else _model_of(group, response),
             refusal=refusal,
         )
 
@@ -665,6 +667,11 @@ def _describe(group: Group) -> str:
     if len(group.models) == 1:
         return group.models[0]
     return f"{group.name} ({', '.join(group.models)})"
+
+
+def _model_of(group: Group, response: Any) -> str:
+    """The model that answered, when the Router did not say which deployment."""
+    return group.models[0] if len(group.models) == 1 else str(response.model)
 
 
 def _price_of(litellm: Any, model: str) -> tuple[float, float] | None:
