@@ -123,13 +123,18 @@ def locate_quote(
         # Short quotes are too common to place; file headers are ours, not the source's.
         return None
 
-    for found_start, found_end in _occurrences(text, start, end, cleaned):
+    # Occurrences before where this quote was last placed are all taken (claims
+    # are never released): resume there, so n equal quotes cost n searches, not n².
+    resume = claims.resume.get(cleaned, start) if claims is not None else start
+    for found_start, found_end in _occurrences(text, start, end, cleaned, exact_from=resume):
         if claims is not None and claims.overlaps(found_start, found_end):
             continue
         if FILE_HEADER_MARK in text[found_start:found_end]:
             continue
         if claims is not None:
             claims.add(found_start, found_end)
+            if text.startswith(cleaned, found_start):
+                claims.resume[cleaned] = found_end
         return Evidence(quote=text[found_start:found_end], start=found_start, end=found_end)
     return None
 
@@ -140,6 +145,8 @@ class Claims:
     def __init__(self) -> None:
         self._starts: list[int] = []
         self._ends: list[int] = []
+        self.resume: dict[str, int] = {}
+        """Per quote text: where its exact occurrences may still be free."""
 
     def overlaps(self, start: int, end: int) -> bool:
         """Whether ``[start, end)`` shares a character with a claimed place."""
@@ -155,11 +162,13 @@ class Claims:
         self._ends.insert(index, end)
 
 
-def _occurrences(text: str, start: int, end: int, cleaned: str) -> Iterator[tuple[int, int]]:
-    """Where a quote occurs in a span: exact matches in order, then the matches
-    only the tolerant pattern finds."""
+def _occurrences(
+    text: str, start: int, end: int, cleaned: str, *, exact_from: int
+) -> Iterator[tuple[int, int]]:
+    """Where a quote occurs in a span: exact matches (from ``exact_from``) in
+    order, then the matches only the tolerant pattern finds."""
     exact: set[int] = set()
-    at = text.find(cleaned, start, end)
+    at = text.find(cleaned, exact_from, end)
     while at >= 0:
         exact.add(at)
         yield at, at + len(cleaned)
