@@ -85,7 +85,8 @@ class TaskNode(_Record):
     (every kind but text) only the root keeps its answer: each parent's answer
     already holds its children's items and quotes."""
     verdict: str = "ok"
-    """What verify said: ok, no-evidence, unsupported, truncated, failed, ..."""
+    """What verify said: ok, skipped, no-evidence, unbacked, malformed,
+    truncated, split-after-..., ..."""
     status: Literal["done", "failed", "stopped"] = "done"
     attempts: int = 0
     """Model calls this task made itself (children not included)."""

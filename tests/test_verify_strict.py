@@ -180,6 +180,23 @@ async def test_an_unbacked_count_is_asked_again_with_the_reason(scripted):
     assert any("You counted 50 but quoted 0" in p for p in prompts)
 
 
+def capped_counter(request: ModelRequest) -> str:
+    """A count double that, like a model held to the reply schema, quotes at most 40."""
+    quotes = re.findall(r"Order \d+: label refund\.", excerpt_of(request) or "")
+    return json.dumps({"count": len(quotes), "quotes": quotes[:40]})
+
+
+async def test_more_occurrences_than_a_reply_may_quote_split_the_span_at_once(scripted):
+    text = "".join(f"Order {n:03d}: label refund.\n" for n in range(1, 121))
+    double = scripted(capped_counter)
+
+    result = await arun("How many orders have the label refund?", text=text, **{**SETTINGS, "chunk_tokens": 2000})
+
+    assert result.status == "done" and result.answer == 120
+    assert not any("was rejected" in r.prompt for r in double.requests), "split, not asked again"
+    assert len(_leaves(result.tree)) >= 4, "halved until each piece holds at most 40"
+
+
 # -- 3. a reply without its kind's key is malformed --------------------------------
 
 
