@@ -99,7 +99,9 @@ def run_command(
         _RedactSecrets.known.add(settings["api_key"])
     progress = _Progress(enabled=sys.stderr.isatty(), store=store)
     with _errors_to_exit_codes(debug, progress):
-        _refuse_conflicts(settings, schema_file=schema_file, dry_run=dry_run, run_id=run_id)
+        _refuse_conflicts(
+            settings, schema_file=schema_file, dry_run=dry_run, run_id=run_id
+        )
         _configure_logging(verbose, debug)
         if schema_file:
             settings["answer_schema"] = _read_schema(schema_file)
@@ -338,12 +340,19 @@ def eval_command(
         from rlm_graph.errors import ConfigError
 
         if reading_double and model:
-            msg = "--reading-double is the model of the evaluation; drop --model, or drop --reading-double."
+            msg = (
+                "--reading-double is the model of the evaluation; drop --model, "
+                "or drop --reading-double."
+            )
             raise ConfigError(msg)
         needles = "needle" in (families or ("needle",))
         depths_given = click.get_current_context().get_parameter_source("depths")
-        if not needles and (straddle_tokens or depths_given == click.core.ParameterSource.COMMANDLINE):
-            msg = "--depths and --straddle-tokens place needles; add --task needle or drop them."
+        by_hand = depths_given == click.core.ParameterSource.COMMANDLINE
+        if not needles and (straddle_tokens or by_hand):
+            msg = (
+                "--depths and --straddle-tokens place needles; add --task needle "
+                "or drop them."
+            )
             raise ConfigError(msg)
         parsed_sizes, parsed_depths = _parse_sizes(sizes), _parse_depths(depths)
         _configure_logging(verbose, debug)
@@ -418,11 +427,18 @@ def _parse_sizes(text: str) -> list[int]:
             continue
         match = re.fullmatch(r"(\d+(?:\.\d+)?)([km]?)", part)
         if match is None:
-            msg = f"--sizes: {part!r} is not a size; write token counts with an optional k or m, e.g. 8k,32k,1m."
+            msg = (
+                f"--sizes: {part!r} is not a size; write token counts with an "
+                "optional k or m, e.g. 8k,32k,1m."
+            )
             raise ConfigError(msg)
-        tokens = float(match.group(1)) * {"k": 1_000, "m": 1_000_000, "": 1}[match.group(2)]
+        scale = {"k": 1_000, "m": 1_000_000, "": 1}[match.group(2)]
+        tokens = float(match.group(1)) * scale
         if tokens < MIN_EVAL_TOKENS or not tokens.is_integer():
-            msg = f"--sizes: {part!r} is too small or not whole; each size must be at least 1k tokens."
+            msg = (
+                f"--sizes: {part!r} is too small or not whole; each size must be "
+                "at least 1k tokens."
+            )
             raise ConfigError(msg)
         sizes.append(int(tokens))
     if not sizes:
@@ -444,7 +460,10 @@ def _parse_depths(text: str) -> tuple[float, ...]:
         except ValueError:
             depth = -1.0
         if not 0.0 <= depth <= 1.0:
-            msg = f"--depths: {part!r} is not a share of the source; write numbers from 0 to 1, e.g. 0.1,0.5,0.9."
+            msg = (
+                f"--depths: {part!r} is not a share of the source; write numbers "
+                "from 0 to 1, e.g. 0.1,0.5,0.9."
+            )
             raise ConfigError(msg)
         depths.append(depth)
     if not depths:
@@ -706,7 +725,11 @@ class _Progress:
 
 
 def _refuse_conflicts(
-    settings: dict[str, Any], *, schema_file: str | None, dry_run: bool, run_id: str | None
+    settings: dict[str, Any],
+    *,
+    schema_file: str | None,
+    dry_run: bool,
+    run_id: str | None,
 ) -> None:
     """Refuse flags that contradict each other, before anything is read or paid."""
     from rlm_graph.errors import ConfigError
@@ -719,7 +742,7 @@ def _refuse_conflicts(
         )
         raise ConfigError(msg)
     if dry_run and run_id:
-        msg = "--dry-run makes no run, so --run-id has nothing to name. Drop one of them."
+        msg = "--dry-run makes no run, so --run-id has nothing to name. Drop one."
         raise ConfigError(msg)
 
 
@@ -762,7 +785,8 @@ def _print_estimate(engine: Any, as_json: bool) -> None:
         return
     if planning:
         paid = "from the store's call log" if usage.cached_calls else (
-            f"{usage.prompt_tokens:,} prompt + {usage.completion_tokens:,} completion tokens"
+            f"{usage.prompt_tokens:,} prompt + {usage.completion_tokens:,} "
+            "completion tokens"
         )
         click.echo(
             f"planning: 1 call to the root model ({paid}); the run reuses it from "
@@ -789,7 +813,9 @@ def _print_human(result: Any) -> None:
     elif result.kind == "table":
         answer = "\n".join(f"{label}: {n}" for label, n in (result.answer or {}).items()) or "(nothing found)"
     elif result.kind == "yesno":
-        answer = "yes" if result.answer else "no" if result.found else "no (no evidence found)"
+        answer = "yes" if result.answer else "no"
+        if not result.found:
+            answer = "no (no evidence found)"
     elif result.kind == "schema":
         records = [json.dumps(r, ensure_ascii=False) for r in result.answer or []]
         answer = "\n".join(records) or "(nothing found)"
@@ -801,8 +827,9 @@ def _print_human(result: Any) -> None:
     if result.status == "partial":
         parts = len(result.failures)
         click.echo(
-            f"(partial answer: {parts} part{'s' if parts != 1 else ''} of the source could "
-            "not be answered, so this covers the rest only; see the warnings)"
+            f"(partial answer: {parts} part{'s' if parts != 1 else ''} of the "
+            "source could not be answered, so this covers the rest only; see "
+            "the warnings)"
         )
     if result.citations:
         click.echo("\nCitations:")

@@ -240,7 +240,10 @@ def _check_refs(schema: dict[str, Any]) -> None:
         try:
             resolver.lookup(ref)
         except referencing.exceptions.Unresolvable:
-            msg = f"the answer schema's $ref {ref!r} points nowhere in the schema; define it under \"$defs\"."
+            msg = (
+                f"the answer schema's $ref {ref!r} points nowhere in the schema; "
+                'define it under "$defs".'
+            )
             raise ValueError(msg) from None
 
 

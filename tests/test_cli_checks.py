@@ -25,7 +25,12 @@ from .conftest import numbered_paragraphs, text_reply
 NEEDLE = "The secret code word is HELIOTROPE."
 TEXT = numbered_paragraphs(60, needle_at={41: NEEDLE})
 QUESTION = "What is the secret code word?"
-PLAN = {"kind": "text", "sub_question": "", "chunk_tokens": 150, "filter": "secret code"}
+PLAN = {
+    "kind": "text",
+    "sub_question": "",
+    "chunk_tokens": 150,
+    "filter": "secret code",
+}
 
 
 def planner(request: ModelRequest) -> str:
@@ -54,7 +59,9 @@ MODEL = ("--model", "scripted/m", "--context-window", "4096")
 # -- 5. --dry-run shows the plan the run will follow --------------------------------
 
 
-def test_dry_run_with_the_model_planner_makes_the_one_plan_call_and_the_run_reuses_it(scripted, tmp_path):
+def test_dry_run_with_the_model_planner_makes_the_one_plan_call_and_the_run_reuses_it(
+    scripted, tmp_path
+):
     double = scripted(planner)
     source = book(tmp_path)
 
@@ -64,7 +71,9 @@ def test_dry_run_with_the_model_planner_makes_the_one_plan_call_and_the_run_reus
     assert len(double.requests) == 1 and is_plan(double.requests[0])
     assert "planning: 1 call to the root model" in dry.stdout
     assert "plan made by model" in dry.stdout
-    assert "pre-filter:    secret code" in dry.stdout and "up to 150 tokens" in dry.stdout
+    assert (
+        "pre-filter:    secret code" in dry.stdout and "up to 150 tokens" in dry.stdout
+    )
 
     run = cli("run", source, "-q", QUESTION, *MODEL, "--planner", "model", "--json")
 
@@ -72,14 +81,26 @@ def test_dry_run_with_the_model_planner_makes_the_one_plan_call_and_the_run_reus
     data = json.loads(run.stdout)
     assert data["answer"] == "HELIOTROPE" and data["plan"]["made_by"] == "model"
     assert data["plan"]["filter"] == "secret code"
-    assert sum(is_plan(r) for r in double.requests) == 1, "the run paid no second plan call"
+    assert sum(is_plan(r) for r in double.requests) == 1, (
+        "the run paid no second plan call"
+    )
     assert data["usage"]["cached_calls"] >= 1
 
 
 def test_dry_run_json_has_the_plan_and_its_calls(scripted, tmp_path):
     scripted(planner)
 
-    out = cli("run", book(tmp_path), "-q", QUESTION, *MODEL, "--planner", "model", "--dry-run", "--json")
+    out = cli(
+        "run",
+        book(tmp_path),
+        "-q",
+        QUESTION,
+        *MODEL,
+        "--planner",
+        "model",
+        "--dry-run",
+        "--json",
+    )
 
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)
@@ -90,11 +111,16 @@ def test_dry_run_json_has_the_plan_and_its_calls(scripted, tmp_path):
 def test_dry_run_with_rules_calls_no_model(scripted, tmp_path):
     double = scripted(planner)
 
-    out = cli("run", book(tmp_path), "-q", QUESTION, *MODEL, "--planner", "rules", "--dry-run")
+    out = cli(
+        "run", book(tmp_path), "-q", QUESTION, *MODEL, "--planner", "rules", "--dry-run"
+    )
 
     assert out.exit_code == 0, out.output
     assert double.requests == []
-    assert "planning: by rules, no model call" in out.stdout and "plan made by rules" in out.stdout
+    assert (
+        "planning: by rules, no model call" in out.stdout
+        and "plan made by rules" in out.stdout
+    )
 
 
 def test_dry_run_help_says_it_may_make_the_plan_call():
@@ -106,8 +132,15 @@ async def test_no_plan_call_when_flags_fix_every_planned_field(scripted):
     double = scripted(planner)
 
     result = await arun(
-        QUESTION, text=TEXT, model="scripted/m", context_window=4096, planner="model",
-        kind="text", sub_question=QUESTION, chunk_tokens=200, filter="secret",
+        QUESTION,
+        text=TEXT,
+        model="scripted/m",
+        context_window=4096,
+        planner="model",
+        kind="text",
+        sub_question=QUESTION,
+        chunk_tokens=200,
+        filter="secret",
     )
 
     assert result.answer == "HELIOTROPE"
@@ -121,10 +154,22 @@ async def test_no_plan_call_when_flags_fix_every_planned_field(scripted):
 @pytest.mark.parametrize(
     ("schema", "words"),
     [
-        ({"type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}}, "points nowhere"),
-        ({"type": "object", "properties": {"a": {"$ref": "other.json#/x"}}}, "points outside"),
-        ({"type": "object", "properties": {"a": {"type": "strin"}}}, "not a valid JSON Schema"),
-        ({"type": "object", "properties": {"a": {"minLength": "three"}}}, "not a valid JSON Schema"),
+        (
+            {"type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}},
+            "points nowhere",
+        ),
+        (
+            {"type": "object", "properties": {"a": {"$ref": "other.json#/x"}}},
+            "points outside",
+        ),
+        (
+            {"type": "object", "properties": {"a": {"type": "strin"}}},
+            "not a valid JSON Schema",
+        ),
+        (
+            {"type": "object", "properties": {"a": {"minLength": "three"}}},
+            "not a valid JSON Schema",
+        ),
     ],
     ids=["dangling-ref", "remote-ref", "bad-type", "bad-keyword-value"],
 )
@@ -133,7 +178,9 @@ def test_bad_schema_is_refused_before_any_call(scripted, tmp_path, schema, words
     path = tmp_path / "schema.json"
     path.write_text(json.dumps(schema))
 
-    out = cli("run", book(tmp_path), "-q", "Which tickets?", "--schema", str(path), *MODEL)
+    out = cli(
+        "run", book(tmp_path), "-q", "Which tickets?", "--schema", str(path), *MODEL
+    )
 
     assert out.exit_code == 2
     assert words in out.stderr and len(out.stderr.strip().splitlines()) == 1
@@ -141,7 +188,8 @@ def test_bad_schema_is_refused_before_any_call(scripted, tmp_path, schema, words
 
 
 TICKETS = "".join(
-    f'Ticket {n}: the customer said "{("refund now", "ship it", "bill me")[n % 3]}".\n' for n in range(1, 31)
+    f'Ticket {n}: the customer said "{("refund now", "ship it", "bill me")[n % 3]}".\n'
+    for n in range(1, 31)
 )
 QUOTED = {
     "type": "object",
@@ -159,7 +207,9 @@ def quoting_reader(request: ModelRequest) -> str:
     evidence = schema["properties"]["records"]["items"]["required"][-1]
     records = [
         {"ticket": int(m.group(1)), "quote": m.group(2), evidence: m.group(0)}
-        for m in re.finditer(r'Ticket (\d+): the customer said "(refund now)"', excerpt_of(request) or "")
+        for m in re.finditer(
+            r'Ticket (\d+): the customer said "(refund now)"', excerpt_of(request) or ""
+        )
     ]
     return json.dumps({"records": records})
 
@@ -170,15 +220,29 @@ def test_schema_with_a_quote_field_keeps_it_and_moves_the_evidence(scripted, tmp
     path.write_text(json.dumps(QUOTED))
     source.write_text(TICKETS)
 
-    out = cli("run", str(source), "-q", "Which customers asked for a refund?", "--schema", str(path),
-              *MODEL, "--chunk-tokens", "120", "--json")
+    out = cli(
+        "run",
+        str(source),
+        "-q",
+        "Which customers asked for a refund?",
+        "--schema",
+        str(path),
+        *MODEL,
+        "--chunk-tokens",
+        "120",
+        "--json",
+    )
 
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)
-    expected = [{"ticket": n, "quote": "refund now"} for n in range(1, 31) if n % 3 == 0]
+    expected = [
+        {"ticket": n, "quote": "refund now"} for n in range(1, 31) if n % 3 == 0
+    ]
     assert data["answer"] == expected
     assert all("refund now" in c["quote"] for c in data["citations"])
-    sent = double.requests[0].response_format["json_schema"]["schema"]["properties"]["records"]["items"]
+    sent = double.requests[0].response_format["json_schema"]["schema"]["properties"][
+        "records"
+    ]["items"]
     assert sent["properties"]["quote"] == {"type": "string"}
     assert sent["required"] == ["ticket", "quote", "source_quote"]
     assert '"source_quote": words copied exactly' in double.requests[0].prompt
@@ -193,12 +257,20 @@ def test_wrapped_schema_keeps_every_reference_pointing_at_its_target():
             "child": {"$ref": "#/definitions/Child"},
             "items": {"type": "array", "items": {"$ref": "#/$defs/Item"}},
         },
-        "definitions": {"Child": {"type": "object", "properties": {"name": {"type": "string"}}}},
+        "definitions": {
+            "Child": {"type": "object", "properties": {"name": {"type": "string"}}}
+        },
         "$defs": {"Item": {"type": "integer"}},
     }
     RunConfig(answer_schema=record)  # passes the reference check
     wrapped = schema_for("schema", record)
-    good = {"label": "a", "again": "b", "child": {"name": "x"}, "items": [1], "quote": "..."}
+    good = {
+        "label": "a",
+        "again": "b",
+        "child": {"name": "x"},
+        "items": [1],
+        "quote": "...",
+    }
 
     jsonschema.validate({"records": [good]}, wrapped)
     for bad in ({"again": "c"}, {"child": {"name": 3}}, {"items": ["x"]}):
@@ -212,7 +284,9 @@ def test_wrapped_schema_keeps_every_reference_pointing_at_its_target():
 async def test_eval_prompts_hold_no_machine_path_and_repeat_exactly(scripted):
     instances = [records_count_task(6000, seed=3), multidoc_task(6000, seed=3)]
     double = scripted(reading_responder(instances), provider="scripted")
-    config = RunConfig(model="scripted/reader", context_window=4096, chunk_tokens=600, planner="rules")
+    config = RunConfig(
+        model="scripted/reader", context_window=4096, chunk_tokens=600, planner="rules"
+    )
 
     first = await run_eval(instances, config)
     prompts = [r.prompt for r in double.requests]
@@ -220,7 +294,16 @@ async def test_eval_prompts_hold_no_machine_path_and_repeat_exactly(scripted):
     second = await run_eval(instances, config)
 
     def tokens(rows):
-        return [(r.instance, r.method, r.run.prompt_tokens, r.run.completion_tokens, r.run.calls) for r in rows]
+        return [
+            (
+                r.instance,
+                r.method,
+                r.run.prompt_tokens,
+                r.run.completion_tokens,
+                r.run.calls,
+            )
+            for r in rows
+        ]
 
     assert tokens(first) == tokens(second)
     assert sorted(r.prompt for r in double.requests) == sorted(prompts)
@@ -229,7 +312,9 @@ async def test_eval_prompts_hold_no_machine_path_and_repeat_exactly(scripted):
     assert {(r.instance, r.method): r.score for r in first}[("count-6k", "rlm")] == 1.0
 
 
-@pytest.mark.parametrize("sizes", ["10q", "0", "-5k", "500", "1.5", "8k,,x", ",", "1e5"])
+@pytest.mark.parametrize(
+    "sizes", ["10q", "0", "-5k", "500", "1.5", "8k,,x", ",", "1e5"]
+)
 def test_eval_refuses_bad_sizes_before_anything_runs(sizes):
     out = cli("eval", "--reading-double", "--sizes", sizes)
 
@@ -240,7 +325,11 @@ def test_eval_refuses_bad_sizes_before_anything_runs(sizes):
 
 def test_eval_refuses_bad_depths():
     out = cli("eval", "--reading-double", "--sizes", "4k", "--depths", "0.5,1.5")
-    assert out.exit_code == 2 and "--depths" in out.stderr and "Traceback" not in out.output
+    assert (
+        out.exit_code == 2
+        and "--depths" in out.stderr
+        and "Traceback" not in out.output
+    )
 
 
 # -- 8. conflicting flags are refused ------------------------------------------------
@@ -249,7 +338,10 @@ def test_eval_refuses_bad_depths():
 @pytest.mark.parametrize(
     ("flags", "words"),
     [
-        (["--kind", "count", "--schema", "SCHEMA"], "--kind count and --schema conflict"),
+        (
+            ["--kind", "count", "--schema", "SCHEMA"],
+            "--kind count and --schema conflict",
+        ),
         (["--dry-run", "--run-id", "r1"], "--run-id"),
         (["--chunk-tokens", "200", "--overlap-tokens", "80"], "--overlap-tokens 80"),
     ],
@@ -276,14 +368,24 @@ def test_api_refuses_a_kind_that_contradicts_the_schema():
     from rlm_graph.api import prepare
 
     with pytest.raises(ConfigError, match="conflict"):
-        prepare("Which tickets?", text=TICKETS, schema=Ticket, kind="count", model="scripted/m", context_window=4096)
+        prepare(
+            "Which tickets?",
+            text=TICKETS,
+            schema=Ticket,
+            kind="count",
+            model="scripted/m",
+            context_window=4096,
+        )
 
 
 @pytest.mark.parametrize(
     ("flags", "words"),
     [
         (["--reading-double", "--model", "openai/gpt-4o-mini"], "--reading-double"),
-        (["--reading-double", "--task", "count", "--straddle-tokens", "500"], "--straddle-tokens"),
+        (
+            ["--reading-double", "--task", "count", "--straddle-tokens", "500"],
+            "--straddle-tokens",
+        ),
         (["--reading-double", "--task", "count", "--depths", "0.5"], "--depths"),
     ],
     ids=["double-and-model", "straddle-without-needles", "depths-without-needles"],

@@ -4,6 +4,7 @@ distinct occurrences, and a yes/no without evidence is a "no"."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
@@ -37,7 +38,9 @@ SMALL = "Ticket 1: label refund.\nTicket 2: label shipping.\nTicket 3: label ref
 
 def reply(content: dict | str) -> Completion:
     text = content if isinstance(content, str) else json.dumps(content)
-    return Completion(text=text, finish_reason="stop", prompt_tokens=9, completion_tokens=9)
+    return Completion(
+        text=text, finish_reason="stop", prompt_tokens=9, completion_tokens=9
+    )
 
 
 def task(text: str = SMALL, question: str = "How many refunds?") -> Task:
@@ -67,17 +70,26 @@ def lying_about(marker: str):
 async def test_span_whose_every_answer_is_rejected_is_a_failure_not_a_zero(scripted):
     double = scripted(lying_about("Ticket 31:"))
 
-    result = await arun("How many tickets have the label refund?", text=TICKETS, **SETTINGS)
+    result = await arun(
+        "How many tickets have the label refund?", text=TICKETS, **SETTINGS
+    )
 
     assert result.status == "partial"
     assert result.failures, "the made-up span is listed"
     for failure in result.failures:
         span = TICKETS[failure.start : failure.end]
         assert "Ticket 31:" in span
-        assert "rejected" in failure.reason and "do not occur in the excerpt" in failure.reason
+        assert (
+            "rejected" in failure.reason
+            and "do not occur in the excerpt" in failure.reason
+        )
     # What was verified still counts: every record some answered span holds.
     answered = [(n.start, n.end) for n in _leaves(result.tree) if n.status == "done"]
-    held = {m.start() for m in TICKET.finditer(TICKETS) if any(a <= m.start() and m.end() <= b for a, b in answered)}
+    held = {
+        m.start()
+        for m in TICKET.finditer(TICKETS)
+        if any(a <= m.start() and m.end() <= b for a, b in answered)
+    }
     assert result.answer == len(held) < len(TICKET.findall(TICKETS))
     lies = [r for r in double.requests if "Ticket 31:" in (excerpt_of(r) or "")]
     assert len(lies) >= 2, "asked again with the reason before giving up"
@@ -86,7 +98,9 @@ async def test_span_whose_every_answer_is_rejected_is_a_failure_not_a_zero(scrip
 async def test_run_whose_every_span_lies_fails_instead_of_answering_zero(scripted):
     scripted(lying_about("Ticket"))
 
-    result = await arun("How many tickets have the label refund?", text=TICKETS, **SETTINGS)
+    result = await arun(
+        "How many tickets have the label refund?", text=TICKETS, **SETTINGS
+    )
 
     assert result.status == "failed" and result.failures
     assert not result.found
@@ -97,10 +111,21 @@ def test_cli_says_a_partial_answer_is_partial(scripted, tmp_path):
     source = tmp_path / "tickets.txt"
     source.write_text(TICKETS)
 
-    out = CliRunner().invoke(main, [
-        "run", str(source), "-q", "How many tickets have the label refund?",
-        "--model", "scripted/m", "--context-window", "4096", "--chunk-tokens", "120",
-    ])
+    out = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(source),
+            "-q",
+            "How many tickets have the label refund?",
+            "--model",
+            "scripted/m",
+            "--context-window",
+            "4096",
+            "--chunk-tokens",
+            "120",
+        ],
+    )
 
     assert out.exit_code == 1, out.output
     assert "partial answer" in out.stdout and "could not be answered" in out.stdout
@@ -116,16 +141,46 @@ def test_cli_says_a_partial_answer_is_partial(scripted, tmp_path):
     [
         ({"count": 50, "quotes": []}, "unbacked", "counted 50 but quoted 0"),
         ({"count": 50}, "unbacked", "counted 50 but quoted 0"),
-        ({"count": 1, "quotes": ["Ticket 1: label refund", "Ticket 3: label refund"]}, "unbacked", "counted 1 but quoted 2"),
-        ({"count": 2, "quotes": ["Ticket 1: label refund", "Ticket 7: label refund"]}, "no-evidence", "Ticket 7"),
-        ({"count": 2, "quotes": ["Ticket 1: label refund", "Ticket 1: label refund"]}, "no-evidence", "one quote per occurrence"),
+        (
+            {
+                "count": 1,
+                "quotes": ["Ticket 1: label refund", "Ticket 3: label refund"],
+            },
+            "unbacked",
+            "counted 1 but quoted 2",
+        ),
+        (
+            {
+                "count": 2,
+                "quotes": ["Ticket 1: label refund", "Ticket 7: label refund"],
+            },
+            "no-evidence",
+            "Ticket 7",
+        ),
+        (
+            {
+                "count": 2,
+                "quotes": ["Ticket 1: label refund", "Ticket 1: label refund"],
+            },
+            "no-evidence",
+            "one quote per occurrence",
+        ),
         ({"count": 2.5, "quotes": []}, "malformed", "whole number"),
         ({"count": -1, "quotes": []}, "malformed", "negative"),
         ({"count": "2", "quotes": []}, "malformed", "whole number"),
         ({"count": True, "quotes": []}, "malformed", "whole number"),
     ],
-    ids=["no-quotes", "quotes-missing", "fewer-counted", "made-up-quote", "same-occurrence-twice",
-         "fraction", "negative", "string", "bool"],
+    ids=[
+        "no-quotes",
+        "quotes-missing",
+        "fewer-counted",
+        "made-up-quote",
+        "same-occurrence-twice",
+        "fraction",
+        "negative",
+        "string",
+        "bool",
+    ],
 )
 def test_count_is_rejected_unless_its_quotes_back_it(content, code, words):
     verdict = verify_leaf(SMALL, task(), "count", reply(content))
@@ -136,11 +191,14 @@ def test_count_is_rejected_unless_its_quotes_back_it(content, code, words):
 
 def test_count_equal_to_its_distinct_quotes_is_accepted():
     quotes = ["Ticket 1: label refund", "ticket 3:  LABEL refund."]
-    verdict = verify_leaf(SMALL, task(), "count", reply({"count": 2.0, "quotes": quotes}))
+    verdict = verify_leaf(
+        SMALL, task(), "count", reply({"count": 2.0, "quotes": quotes})
+    )
 
     assert verdict.ok and verdict.answer.count == 2
     assert [SMALL[e.start : e.end] for e in verdict.answer.evidence] == [
-        "Ticket 1: label refund", "Ticket 3: label refund.",
+        "Ticket 1: label refund",
+        "Ticket 3: label refund.",
     ]
     empty = verify_leaf(SMALL, task(), "count", reply({"count": 0, "quotes": []}))
     assert empty.ok and empty.answer.count == 0 and not empty.answer.found
@@ -155,10 +213,14 @@ def test_table_row_is_tied_to_its_quotes():
     unbacked = verify_leaf(SMALL, task(), "table", rows(5, both))
     assert unbacked.code == "unbacked" and "'refund'" in unbacked.feedback
     assert verify_leaf(SMALL, task(), "table", rows(1.5, both)).code == "malformed"
-    twice = reply({"rows": [
-        {"label": "refund", "count": 1, "quotes": ["Ticket 1: label refund"]},
-        {"label": "Refund", "count": 1, "quotes": ["Ticket 1: label refund"]},
-    ]})
+    twice = reply(
+        {
+            "rows": [
+                {"label": "refund", "count": 1, "quotes": ["Ticket 1: label refund"]},
+                {"label": "Refund", "count": 1, "quotes": ["Ticket 1: label refund"]},
+            ]
+        }
+    )
     assert verify_leaf(SMALL, task(), "table", twice).code == "no-evidence"
 
 
@@ -173,7 +235,9 @@ async def test_an_unbacked_count_is_asked_again_with_the_reason(scripted):
         return honest(request)
 
     scripted(respond)
-    result = await arun("How many tickets have the label refund?", text=TICKETS, **SETTINGS)
+    result = await arun(
+        "How many tickets have the label refund?", text=TICKETS, **SETTINGS
+    )
 
     assert result.status == "done"
     assert result.answer == len(TICKET.findall(TICKETS)) == 20
@@ -190,10 +254,16 @@ async def test_more_occurrences_than_a_reply_may_quote_split_the_span_at_once(sc
     text = "".join(f"Order {n:03d}: label refund.\n" for n in range(1, 121))
     double = scripted(capped_counter)
 
-    result = await arun("How many orders have the label refund?", text=text, **{**SETTINGS, "chunk_tokens": 2000})
+    result = await arun(
+        "How many orders have the label refund?",
+        text=text,
+        **{**SETTINGS, "chunk_tokens": 2000},
+    )
 
     assert result.status == "done" and result.answer == 120
-    assert not any("was rejected" in r.prompt for r in double.requests), "split, not asked again"
+    assert not any("was rejected" in r.prompt for r in double.requests), (
+        "split, not asked again"
+    )
     assert len(_leaves(result.tree)) >= 4, "halved until each piece holds at most 40"
 
 
@@ -221,7 +291,9 @@ def test_reply_without_its_kinds_key_is_malformed(kind, content, key):
 async def test_reply_without_its_key_gets_one_corrective_reask_then_fails(scripted):
     double = scripted(lambda request: json.dumps({"total": 5}))
 
-    result = await arun("How many tickets have the label refund?", text=SMALL, **SETTINGS)
+    result = await arun(
+        "How many tickets have the label refund?", text=SMALL, **SETTINGS
+    )
 
     assert result.status == "failed" and not result.found
     assert len(double.requests) == 2, "one re-ask; a span this small is not split"
@@ -237,13 +309,21 @@ REPEATED = "Order: label refund.\n" * 5
 
 def test_equal_quotes_are_placed_at_distinct_occurrences():
     claims = Claims()
-    placed = [locate_quote(REPEATED, 0, len(REPEATED), "Order: label refund.", claims) for _ in range(5)]
+    placed = [
+        locate_quote(REPEATED, 0, len(REPEATED), "Order: label refund.", claims)
+        for _ in range(5)
+    ]
 
     assert [e.start for e in placed] == [21 * i for i in range(5)]
-    assert locate_quote(REPEATED, 0, len(REPEATED), "Order: label refund.", claims) is None
-    # Exact occurrences first, then those only the tolerant match finds, wherever they are.
+    assert (
+        locate_quote(REPEATED, 0, len(REPEATED), "Order: label refund.", claims) is None
+    )
+    # Exact occurrences first, then those only the tolerant match finds.
     mixed, claims = "ORDER:  label refund. Order: label refund.", Claims()
-    found = [locate_quote(mixed, 0, len(mixed), "Order: label refund.", claims) for _ in range(2)]
+    found = [
+        locate_quote(mixed, 0, len(mixed), "Order: label refund.", claims)
+        for _ in range(2)
+    ]
     assert [e.start for e in found] == [22, 0]
     assert locate_quote(mixed, 0, len(mixed), "Order: label refund.", claims) is None
 
@@ -270,14 +350,22 @@ def test_merge_counts_one_occurrence_once_and_two_occurrences_twice():
     assert merge_count([wide, pair]).count == 2
 
     rows = [
-        Answer(kind="table", found=True, rows=(Row(label="refund", count=2, evidence=(ev(0, 20), ev(21, 41))),)),
-        Answer(kind="table", found=True, rows=(Row(label="Refund", count=2, evidence=(ev(21, 41), ev(42, 62))),)),
+        Answer(
+            kind="table",
+            found=True,
+            rows=(Row(label="refund", count=2, evidence=(ev(0, 20), ev(21, 41))),),
+        ),
+        Answer(
+            kind="table",
+            found=True,
+            rows=(Row(label="Refund", count=2, evidence=(ev(21, 41), ev(42, 62))),),
+        ),
     ]
     assert merge_table(rows).value == {"refund": 3}
 
 
 async def test_overlap_holding_repeated_identical_records_is_counted_exactly(scripted):
-    line = "Order: label refund. The parcel came late and the box was torn at one corner.\n"
+    line = "Order: label refund. The parcel came late and the box was torn open.\n"
     text = line * 40
     scripted(count_reply(r"Order: label refund\."))
 
@@ -286,7 +374,7 @@ async def test_overlap_holding_repeated_identical_records_is_counted_exactly(scr
     assert result.status == "done"
     leaves = _leaves(result.tree)
     assert len(leaves) > 3
-    overlapping = sum(1 for a, b in zip(leaves, leaves[1:], strict=False) if b.start < a.end)
+    overlapping = sum(1 for a, b in itertools.pairwise(leaves) if b.start < a.end)
     assert overlapping >= 2, "neighbouring spans share repeated records"
     assert result.answer == 40
     assert len({c.start for c in result.citations}) == 40
@@ -314,15 +402,34 @@ def test_cli_yesno_without_evidence_says_no_evidence_found(scripted, tmp_path):
     scripted(lambda request: json.dumps({"answer": "not stated", "quote": ""}))
     source = tmp_path / "tickets.txt"
     source.write_text(TICKETS)
-    out = CliRunner().invoke(main, [
-        "run", str(source), "-q", "Was any ticket escalated to legal?",
-        "--model", "scripted/m", "--context-window", "4096", "--json",
-    ])
+    out = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(source),
+            "-q",
+            "Was any ticket escalated to legal?",
+            "--model",
+            "scripted/m",
+            "--context-window",
+            "4096",
+            "--json",
+        ],
+    )
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)
     assert data["answer"] is False and data["found"] is False
-    human = CliRunner().invoke(main, [
-        "run", str(source), "-q", "Was any ticket escalated to legal?",
-        "--model", "scripted/m", "--context-window", "4096",
-    ])
+    human = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(source),
+            "-q",
+            "Was any ticket escalated to legal?",
+            "--model",
+            "scripted/m",
+            "--context-window",
+            "4096",
+        ],
+    )
     assert human.stdout.startswith("no (no evidence found)")

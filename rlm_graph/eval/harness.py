@@ -127,7 +127,10 @@ async def run_eval(
 def instance_source(instance: Instance) -> Source:
     """An instance's files as one source, named ``<instance name>/<file name>``."""
     return source_from_documents(
-        [(f"{instance.name}/{name}", instance.files[name]) for name in sorted(instance.files)]
+        [
+            (f"{instance.name}/{name}", instance.files[name])
+            for name in sorted(instance.files)
+        ]
     )
 
 

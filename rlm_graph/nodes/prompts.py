@@ -146,7 +146,8 @@ def schema_for(kind: Kind, record_schema: dict[str, Any] | None = None) -> dict[
     if kind != "schema":
         return _SCHEMAS[kind]
     field = evidence_field(record_schema)
-    record = {k: v for k, v in (record_schema or {"type": "object"}).items() if k not in _DROPPED}
+    given = record_schema or {"type": "object"}
+    record = {k: v for k, v in given.items() if k not in _DROPPED}
     definitions = {k: record.pop(k) for k in _DEFINITIONS if k in record}
     record = _rebase_refs(record, _RECORD_POINTER)
     record["properties"] = {**record.get("properties", {}), field: _QUOTE}
@@ -165,7 +166,7 @@ _DROPPED = ("$schema", "$id", "title")
 _DEFINITIONS = ("$defs", "definitions")
 _RECORD_POINTER = "/properties/records/items"
 _LITERAL_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
-"""Keywords whose values are data, not schemas: a "$ref" key in them is not a reference."""
+"""Keywords whose values are data, not schemas (a "$ref" in them refers to nothing)."""
 _NAMED_KEYWORDS = frozenset(
     {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
 )
@@ -189,8 +190,8 @@ def _rebase_refs(node: Any, prefix: str, *, named: bool = False) -> Any:
     for key, value in node.items():
         if key == "$ref" and isinstance(value, str) and value.startswith("#"):
             pointer = value[1:]
-            kept = any(pointer == f"/{d}" or pointer.startswith(f"/{d}/") for d in _DEFINITIONS)
-            rebased[key] = value if kept else f"#{prefix}{pointer}"
+            top = pointer.split("/")[1] if pointer.startswith("/") else ""
+            rebased[key] = value if top in _DEFINITIONS else f"#{prefix}{pointer}"
         elif key in _LITERAL_KEYWORDS:
             rebased[key] = value
         else:
@@ -229,7 +230,8 @@ def leaf_messages(
     if kind == "schema" and record_schema:
         field = evidence_field(record_schema)
         fields = ", ".join(record_schema.get("properties", {}))
-        how = how.replace('"quote"', f'"{field}"') + f" Fields of a record: {fields}, {field}."
+        how = how.replace('"quote"', f'"{field}"')
+        how += f" Fields of a record: {fields}, {field}."
     user = (
         f"Text (part of {file_hint}):\n<<<\n{span_text}\n>>>\n\n"
         f"Question: {task.question}\n{how}"

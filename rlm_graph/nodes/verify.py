@@ -126,7 +126,8 @@ def locate_quote(
     # Occurrences before where this quote was last placed are all taken (claims
     # are never released): resume there, so n equal quotes cost n searches, not n².
     resume = claims.resume.get(cleaned, start) if claims is not None else start
-    for found_start, found_end in _occurrences(text, start, end, cleaned, exact_from=resume):
+    places = _occurrences(text, start, end, cleaned, exact_from=resume)
+    for found_start, found_end in places:
         if claims is not None and claims.overlaps(found_start, found_end):
             continue
         if FILE_HEADER_MARK in text[found_start:found_end]:
@@ -135,7 +136,8 @@ def locate_quote(
             claims.add(found_start, found_end)
             if text.startswith(cleaned, found_start):
                 claims.resume[cleaned] = found_end
-        return Evidence(quote=text[found_start:found_end], start=found_start, end=found_end)
+        quoted = text[found_start:found_end]
+        return Evidence(quote=quoted, start=found_start, end=found_end)
     return None
 
 
@@ -297,7 +299,8 @@ def _check_text(text: str, task: Task, data: dict[str, Any]) -> Verdict:
 
 
 def _check_list(text: str, task: Task, data: dict[str, Any]) -> Verdict:
-    entries = _required(data, "items", list, '{"items": [{"item": "...", "quote": "..."}]}')
+    shape = '{"items": [{"item": "...", "quote": "..."}]}'
+    entries = _required(data, "items", list, shape)
     items: list[Item] = []
     missing = 0
     claims = Claims()
@@ -337,19 +340,23 @@ def _check_table(text: str, task: Task, data: dict[str, Any]) -> Verdict:
     claims: dict[str, Claims] = {}
     for index, entry in enumerate(_required(data, "rows", list, shape)):
         if not isinstance(entry, dict):
-            raise _Malformed(f"rows[{index}] is not an object. Reply as {shape}.")
+            msg = f"rows[{index}] is not an object. Reply as {shape}."
+            raise _Malformed(msg)
         label = " ".join(str(entry.get("label") or "").split())
-        count = _whole_number(_required(entry, "count", object, shape), f"rows[{index}].count")
+        said = _required(entry, "count", object, shape)
+        count = _whole_number(said, f"rows[{index}].count")
         quotes = _quotes(entry.get("quotes"), f"rows[{index}].quotes")
         if not label:
             if count or quotes:
-                raise _Malformed(f"rows[{index}] has no label. Reply as {shape}.")
+                msg = f"rows[{index}] has no label. Reply as {shape}."
+                raise _Malformed(msg)
             continue
         key = label.casefold()
         # The same label twice in one reply adds up, and its quotes must be
         # distinct occurrences across both rows.
         located, problem = _backing(
-            text, task, count, quotes, what=f"{label!r}", claims=claims.setdefault(key, Claims())
+            text, task, count, quotes,
+            what=f"{label!r}", claims=claims.setdefault(key, Claims()),
         )
         if problem is not None:
             return problem
@@ -398,7 +405,8 @@ def _check_schema(text: str, task: Task, data: dict[str, Any], record_schema: di
     records: list[Record] = []
     missing = 0
     claims = Claims()
-    entries = _required(data, "records", list, f'{{"records": [{{..., "{field}": "..."}}]}}')
+    shape = f'{{"records": [{{..., "{field}": "..."}}]}}'
+    entries = _required(data, "records", list, shape)
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             return Verdict(False, "malformed", feedback=f"records[{index}] is not an object.")
@@ -410,7 +418,8 @@ def _check_schema(text: str, task: Task, data: dict[str, Any], record_schema: di
                 False, "malformed",
                 feedback=f"records[{index}].{where}: {error.message}. Follow the schema.",
             )
-        evidence = locate_quote(text, task.start, task.end, str(entry.get(field) or ""), claims)
+        quote = str(entry.get(field) or "")
+        evidence = locate_quote(text, task.start, task.end, quote, claims)
         if evidence is None:
             missing += 1
             continue
@@ -419,7 +428,9 @@ def _check_schema(text: str, task: Task, data: dict[str, Any], record_schema: di
     if missing and not records:
         return Verdict(
             False, "no-evidence",
-            feedback=f'Each record needs "{field}": words copied exactly from the excerpt.',
+            feedback=(
+                f'Each record needs "{field}": words copied exactly from the excerpt.'
+            ),
         )
     evidence = tuple(r.evidence for r in records if r.evidence)
     return Verdict(True, "ok", Answer(kind="schema", found=bool(records), records=tuple(records), evidence=evidence))
