@@ -284,10 +284,13 @@ def _leaf_overhead(engine: Engine) -> int:
 
 def _plan_prompt_tokens(engine: Engine) -> int:
     """Root tokens of the planning call the run will make; 0 when it makes none."""
-    from rlm_graph.nodes.plan import plan_messages, preview_source
+    from rlm_graph.nodes.plan import PLANNED_FIELDS, plan_messages, preview_source
 
-    if engine.config.planner != "model" or engine.plan.made_by != "rules":
+    plan = engine.plan
+    if engine.config.planner != "model" or plan.made_by != "rules":
         return 0
+    if set(PLANNED_FIELDS) <= set(plan.overridden):
+        return 0  # flags fixed every planned field: the run makes no planning call
     count = functools.partial(engine.client.count_tokens, "root")
     preview = preview_source(engine.source, count)
     messages = plan_messages(engine.plan.question, preview, engine.plan)

@@ -90,7 +90,8 @@ class TaskNode(_Record):
     (every kind but text) only the root keeps its answer: each parent's answer
     already holds its children's items and quotes."""
     verdict: str = "ok"
-    """What verify said: ok, no-evidence, unsupported, truncated, failed, ..."""
+    """What verify said: ok, skipped, no-evidence, unbacked, malformed,
+    truncated, split-after-..., ..."""
     status: Literal["done", "failed", "stopped"] = "done"
     attempts: int = 0
     """Model calls this task made itself (children not included)."""
@@ -112,8 +113,9 @@ class Result(_Record):
     """Answer kind: text, list, count, table, yesno or schema."""
     answer: Any
     """Depends on ``kind``: text; a list of strings; an integer; a
-    ``{label: count}`` dict; True/False (None when no part said); a list of
-    records (dicts valid under the schema)."""
+    ``{label: count}`` dict; True/False (False with ``found`` False when no
+    evidence was found); a list of records (dicts valid under the schema).
+    With status ``partial`` it covers only the parts that were answered."""
     found: bool = True
     """False when no part of the source answered the question."""
     citations: list[Citation] = Field(default_factory=list)

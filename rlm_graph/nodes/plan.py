@@ -34,6 +34,7 @@ from rlm_graph.source import Source
 from rlm_graph.tokens import TokenCounter
 
 __all__ = [
+    "PLANNED_FIELDS",
     "PLAN_SCHEMA",
     "apply_model_plan",
     "guess_kind",
@@ -62,6 +63,9 @@ PREVIEW_FILES = 20
 """The preview stays under ~1K tokens: the embedded model reads about 80 prompt
 tokens a second, so a plan costs it 10-15 s."""
 PLANNABLE_KINDS: tuple[Kind, ...] = ("text", "list", "count", "table", "yesno")
+
+PLANNED_FIELDS = ("kind", "sub_question", "chunk_tokens", "filter")
+"""What the root model's plan decides (each may be fixed by a flag instead)."""
 
 PLAN_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -126,6 +130,12 @@ def make_plan(
         msg = "The question is empty. Pass --question 'What ...?'."
         raise ConfigError(msg)
     record_schema = config.answer_schema
+    if record_schema is not None and config.kind not in ("auto", "schema"):
+        msg = (
+            f"kind {config.kind!r} and a schema conflict: with a schema the answer is "
+            "a list of records (kind 'schema'). Pass one of them, not both."
+        )
+        raise ConfigError(msg)
     if record_schema is not None:
         kind: Kind = "schema"
     else:
