@@ -48,7 +48,8 @@ def main() -> None:
 @click.option(
     "--router-config", type=click.Path(dir_okay=False),
     help="LiteLLM proxy-style YAML (model_list, router_settings, roles): "
-    "deployments, fallbacks, rpm/tpm, cooldowns. Replaces the model flags.",
+    "deployments, fallbacks, rpm/tpm, cooldowns. The model flags then name "
+    "its groups.",
 )
 @click.option("--api-base", help="Base URL of an OpenAI-compatible, Ollama or vLLM server.")
 @click.option("--api-key", envvar="RLM_GRAPH_API_KEY", help="Key for --api-base (or RLM_GRAPH_API_KEY).")

@@ -51,7 +51,8 @@ class RunConfig(BaseSettings):
     router_config: Path | None = None
     """A LiteLLM proxy-style YAML file (``model_list``, ``router_settings``):
     deployments, fallbacks, rpm/tpm limits, cooldowns and which group plays
-    which role. Replaces the model flags when given."""
+    which role. With it, ``model``, ``worker_model`` and ``judge_model`` name
+    groups of the file (and pick them for their roles)."""
 
     api_base: str | None = None
     """Base URL for an OpenAI-compatible, Ollama or vLLM server, for both roles."""
