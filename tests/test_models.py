@@ -232,8 +232,9 @@ async def test_timed_out_prompts_count_against_the_token_budget():
     # Each attempt holds prompt + 16 while in flight and keeps its prompt after:
     # the third would cross 150 tokens, so only two were sent.
     assert 40 <= sent <= 60
-    assert len(server.requests) == client.usage.timed_out_calls == 2
-    assert client.budget.tokens == 2 * sent
+    assert client.usage.calls == client.usage.timed_out_calls == 2
+    assert len(server.requests) <= 2  # on loaded cores one may time out unread
+    assert client.budget.tokens == client.usage.prompt_tokens == 2 * sent
 
 
 async def test_a_timeout_says_it_timed_out_after_how_long_and_where():
