@@ -504,6 +504,12 @@ def _show_record(record: Any, max_depth: int, store: str | None) -> None:
     names = ", ".join(f["name"] for f in record.source.files[:3])
     console.print(f"source: {names} ({record.source.chars:,} characters, sha256 {record.source.digest[:12]})",
                   highlight=False)
+    if record.parent is not None:
+        console.print(
+            f"inside LangGraph thread {record.parent.get('thread_id')!r}, "
+            f"node {record.parent.get('namespace')!r}",
+            highlight=False,
+        )
     if record.error:
         console.print(f"stopped by: {record.error}", highlight=False)
     if record.result is not None:
@@ -535,7 +541,11 @@ def _show_record(record: Any, max_depth: int, store: str | None) -> None:
         from rlm_graph.store import redact
 
         where = f" --store {redact(store)}" if store else ""
-        click.echo(f"resume with: rlm-graph resume {record.run_id}{where}")
+        if record.parent is not None:
+            thread = record.parent.get("thread_id")
+            click.echo(f"resume by resuming its LangGraph graph's thread {thread!r}")
+        else:
+            click.echo(f"resume with: rlm-graph resume {record.run_id}{where}")
 
 
 def _node_label(task_id: str, status: str, verdict: str, answer: Any) -> str:

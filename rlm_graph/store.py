@@ -24,6 +24,7 @@ system or the server when the holder dies, even by SIGKILL.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -34,7 +35,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from langgraph.store.sqlite import AsyncSqliteStore
 from pydantic import BaseModel, Field
@@ -97,6 +98,10 @@ class RunRecord(BaseModel):
     progress: dict[str, Any] = Field(default_factory=dict)
     result: dict[str, Any] | None = None
     error: str | None = None
+    parent: dict[str, str] | None = None
+    """For a run made inside a user's LangGraph graph (``rlm_node``): the
+    parent's ``thread_id`` and the node's checkpoint ``namespace``. Its
+    checkpoints are the parent's; resuming the parent resumes it."""
     format: int = STORE_FORMAT
 
     @property
@@ -155,7 +160,7 @@ async def open_store(
             yield store
     else:
         path = Path(where).expanduser()
-        if not create and not path.exists():
+        if not create and not await asyncio.to_thread(path.exists):
             msg = f"There is no rlm-graph store at {path}: nothing has run with it yet."
             raise StoreError(msg)
         async with _open_sqlite(path) as store:
@@ -345,12 +350,9 @@ async def _open_sqlite(path: Path) -> AsyncIterator[Store]:
     import aiosqlite
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
-    _check_sqlite_file(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        msg = f"Cannot create the store's folder {path.parent}: {exc.strerror}. Pick another with --store PATH."
-        raise StoreError(msg) from exc
+    # File checks run in a thread: a store opened on a server's event loop
+    # (the LangGraph dev server refuses blocking calls there) must not block it.
+    await asyncio.to_thread(_prepare_sqlite_file, path)
     try:
         async with (
             aiosqlite.connect(path, timeout=60) as saver_conn,
@@ -396,6 +398,16 @@ class _ImmediateSqliteStore(AsyncSqliteStore):
                     raise
                 if transaction:
                     await self.conn.execute("COMMIT")
+
+
+def _prepare_sqlite_file(path: Path) -> None:
+    """Check an existing file (:func:`_check_sqlite_file`) and make its folder."""
+    _check_sqlite_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        msg = f"Cannot create the store's folder {path.parent}: {exc.strerror}. Pick another with --store PATH."
+        raise StoreError(msg) from exc
 
 
 def _check_sqlite_file(path: Path) -> None:
@@ -537,26 +549,39 @@ class _FileLocker(_Locker):
     def _path(self, run_id: str) -> Path:
         return self._folder / (hashlib.sha256(run_id.encode()).hexdigest()[:24] + ".lock")
 
+    # The file calls run in a thread, off the event loop (see _open_sqlite).
+
     @contextlib.asynccontextmanager
     async def _hold(self, run_id: str) -> AsyncIterator[None]:
+        handle = await asyncio.to_thread(self._acquire, run_id)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(handle.close)
+
+    def _acquire(self, run_id: str) -> IO[str]:
         import fcntl
 
         self._folder.mkdir(parents=True, exist_ok=True)
         handle = self._path(run_id).open("a+")
         try:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise _busy(run_id) from None
-            yield
-        finally:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             handle.close()
+            raise _busy(run_id) from None
+        except BaseException:
+            handle.close()
+            raise
+        return handle
 
     async def is_locked(self, run_id: str) -> bool:
-        import fcntl
-
         if await super().is_locked(run_id):
             return True
+        return await asyncio.to_thread(self._is_locked_elsewhere, run_id)
+
+    def _is_locked_elsewhere(self, run_id: str) -> bool:
+        import fcntl
+
         path = self._path(run_id)
         if not path.exists():
             return False
