@@ -100,7 +100,11 @@ async def arun(
     Same arguments as :func:`run`.
     """
     record_model = _record_model(settings)
-    engine = prepare(question, paths, text=text, config=config, on_event=on_event, **settings)
+    # Reading, counting and planning a large source takes seconds of CPU: in a
+    # thread, so that the caller's event loop (a server's other requests) goes on.
+    engine = await asyncio.to_thread(
+        prepare, question, paths, text=text, config=config, on_event=on_event, **settings
+    )
     async with open_store(store) as opened:
         result = await execute(engine, store=opened, run_id=run_id)
     if record_model is not None and result.kind == "schema" and result.answer:

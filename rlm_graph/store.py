@@ -32,11 +32,12 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.store.sqlite import AsyncSqliteStore
 from pydantic import BaseModel, Field
 
@@ -348,7 +349,6 @@ async def _open_memory() -> AsyncIterator[Store]:
 @contextlib.asynccontextmanager
 async def _open_sqlite(path: Path) -> AsyncIterator[Store]:
     import aiosqlite
-    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
     # File checks run in a thread: a store opened on a server's event loop
     # (the LangGraph dev server refuses blocking calls there) must not block it.
@@ -360,16 +360,62 @@ async def _open_sqlite(path: Path) -> AsyncIterator[Store]:
         ):
             await saver_conn.execute("PRAGMA busy_timeout = 60000")
             await kv_conn.execute("PRAGMA busy_timeout = 60000")
-            saver = AsyncSqliteSaver(saver_conn)
+            saver = _ShieldedSqliteSaver(saver_conn)
             kv = _ImmediateSqliteStore(kv_conn)
             await saver.setup()
             await kv.setup()
             store = Store(str(path), saver, kv, _FileLocker(path))
             await _check_format(store)
-            yield store
+            try:
+                yield store
+            finally:
+                await saver.drain()
     except (sqlite3.DatabaseError, OSError) as exc:
         msg = f"Cannot use the store {path}: {exc}. Pick another file with --store PATH."
         raise StoreError(msg) from exc
+
+
+class _ShieldedSqliteSaver(AsyncSqliteSaver):
+    """AsyncSqliteSaver whose writes finish even when their caller is cancelled.
+
+    The stock saver commits after its INSERT. A cancel between the two (a
+    client leaving ``rlm-graph serve`` mid-run) left the transaction open, and
+    closing the connection then did not end it: SQLite kept the closed
+    connection alive for its unfinished statement, with the write lock, and
+    every later writer of the file, other processes included, got "database
+    is locked" (tests/test_serve.py, the disconnect test). Here each write runs
+    to its commit in a task of its own, the caller is still cancelled at once,
+    and :meth:`drain` waits for such writes before the connection closes.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._writing: set[asyncio.Task[Any]] = set()
+
+    async def aput(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._shielded(super().aput(*args, **kwargs))
+
+    async def aput_writes(self, *args: Any, **kwargs: Any) -> None:
+        await self._shielded(super().aput_writes(*args, **kwargs))
+
+    async def adelete_thread(self, *args: Any, **kwargs: Any) -> None:
+        await self._shielded(super().adelete_thread(*args, **kwargs))
+
+    async def drain(self) -> None:
+        """Wait for writes whose callers were cancelled."""
+        if self._writing:
+            await asyncio.wait(set(self._writing))
+
+    async def _shielded(self, write: Coroutine[Any, Any, Any]) -> Any:
+        task = asyncio.ensure_future(write)
+        self._writing.add(task)
+        task.add_done_callback(self._written)
+        return await asyncio.shield(task)
+
+    def _written(self, task: asyncio.Task[Any]) -> None:
+        self._writing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("a checkpoint write failed: %s", task.exception())
 
 
 class _ImmediateSqliteStore(AsyncSqliteStore):
