@@ -326,7 +326,9 @@ def test_a_client_that_disconnects_stops_its_run_and_keeps_its_calls(
         model="scripted/m", context_window=4096, chunk_tokens=200, concurrency=1
     )
     body = chat(numbered_paragraphs(40, needle_at={27: NEEDLE}), stream=stream)
-    with serve_in_thread(config, ServeSettings(port=0, token=TOKEN, store=store)) as url:
+    with serve_in_thread(
+        config, ServeSettings(port=0, token=TOKEN, store=store)
+    ) as url:
         sock = _raw_post(url, body)
         _wait_for(lambda: len(double.requests) >= 4, 60, "the run's first calls")
         sock.close()
@@ -340,8 +342,10 @@ def test_a_client_that_disconnects_stops_its_run_and_keeps_its_calls(
         double.reset()
 
         again = httpx.post(
-            url + "/chat/completions", json=chat(body["messages"][0]["content"]),
-            headers=AUTH, timeout=120,
+            url + "/chat/completions",
+            json=chat(body["messages"][0]["content"]),
+            headers=AUTH,
+            timeout=120,
         )
 
     assert stopped_after_s < 2.0, stopped_after_s
@@ -378,11 +382,15 @@ def test_a_large_source_is_read_off_the_event_loop(scripted, tmp_path):
     # The filter leaves one span to read: what is measured is the source's
     # reading and cutting, not the per-call work of hundreds of leaves.
     config = RunConfig(
-        model="scripted/m", context_window=8192, chunk_tokens=2000,
+        model="scripted/m",
+        context_window=8192,
+        chunk_tokens=2000,
         filter="secret code",
     )
     settings = ServeSettings(
-        port=0, token=TOKEN, max_request_bytes=32 * 1024 * 1024,
+        port=0,
+        token=TOKEN,
+        max_request_bytes=32 * 1024 * 1024,
         store=str(tmp_path / "serve.sqlite"),
     )
     with serve_in_thread(config, settings) as url:
@@ -404,3 +412,95 @@ def test_a_large_source_is_read_off_the_event_loop(scripted, tmp_path):
         f"/v1/models while an 8 MB source was prepared: {len(answered)} answers, "
         f"slowest {max(answered):.2f} s"
     )
+
+
+def test_cli_serve_takes_router_config_and_a_budget_per_request(tmp_path):
+    import yaml
+
+    with FakeOpenAIServer(text_reply(r"The secret code word is (\w+)\.")) as models:
+        router = tmp_path / "router.yaml"
+        router.write_text(
+            yaml.safe_dump(
+                {
+                    "model_list": [
+                        {
+                            "model_name": "readers",
+                            "litellm_params": {
+                                "model": "openai/fake-model",
+                                "api_base": models.api_base,
+                                "api_key": "sk-fake",
+                            },
+                            "model_info": {"max_input_tokens": 4096},
+                        }
+                    ],
+                    "roles": {"root": "readers", "worker": "readers"},
+                }
+            )
+        )
+        process = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "rlm-graph"),
+                "serve",
+                "--port",
+                "0",
+                "--router-config",
+                str(router),
+                "--chunk-tokens",
+                "200",
+                "--max-calls",
+                "3",
+                "--store",
+                str(tmp_path / "serve.sqlite"),
+            ],
+            env={**os.environ, "RLM_GRAPH_SERVE_TOKEN": TOKEN},
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_default_sigint,
+        )
+        try:
+            url = _announced_url(process)
+            listed = httpx.get(url + "/models", headers=AUTH, timeout=30).json()
+            body = {
+                **chat(numbered_paragraphs(30, needle_at={25: NEEDLE})),
+                "model": "rlm/readers",
+            }
+            replies = [
+                httpx.post(
+                    url + "/chat/completions", headers=AUTH, json=body, timeout=120
+                )
+                for _ in range(2)
+            ]
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(60)
+
+    assert [m["id"] for m in listed["data"]] == ["rlm/readers"]
+    first, second = (r.json() for r in replies)
+    assert first["rlm_graph"]["status"] == "stopped"
+    assert first["rlm_graph"]["calls"] == 3, "the budget applies to the request's run"
+    assert "the run stopped" in first["choices"][0]["message"]["content"]
+    # A budget per request, not per server: the second run may spend 3 calls
+    # again (calls the first one made are answered from the call log).
+    assert second["rlm_graph"]["status"] == "stopped"
+    assert len(models.requests) == 6
+
+
+def test_cli_serve_refuses_unusable_settings_before_listening():
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "rlm-graph"),
+            "serve",
+            "--port",
+            "0",
+            "--model",
+            "openai/not-a-priced-model",
+            "--max-cost",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode == 2
+    assert "--max-cost needs prices" in done.stderr
