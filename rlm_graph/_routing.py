@@ -35,11 +35,25 @@ The YAML file, with the rlm-graph extensions marked::
       cooldown_time: 30
       allowed_fails: 2
     roles: {root: big, worker: fast}     # rlm-graph: role -> group
+
+Keys inside ``litellm_params`` and ``model_info`` are checked against the
+fields of LiteLLM's own types (so a key a newer LiteLLM adds is known without
+a list kept here): an unknown ``model_info`` key, or an unknown
+``litellm_params`` key close to a known one, is refused with the closest
+valid key. Other unknown ``litellm_params`` keys go to the provider as they
+are (providers take parameters of their own), with a log line.
+
+The flags ``--model``, ``--worker-model`` and ``--judge-model`` may name a
+group of the file: the flag then picks that group for its role, over the
+file's ``roles``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import difflib
+import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -52,7 +66,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rlm_graph.config import RunConfig
 from rlm_graph.errors import ConfigError
 
-__all__ = ["Group", "Pacer", "QuotaGates", "Role", "RoutingTable", "routing_table"]
+__all__ = [
+    "Deployment",
+    "Group",
+    "Pacer",
+    "QuotaGates",
+    "Role",
+    "RoutingTable",
+    "routing_table",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +93,41 @@ _ROUTER_SETTINGS = frozenset(
         "enable_pre_call_checks",
     }
 )
+OUR_MODEL_INFO_KEYS = frozenset({"quota"})
+"""``model_info`` keys rlm-graph reads that LiteLLM does not know."""
+CLOSE_KEY_RATIO = 0.8
+"""How alike (difflib ratio) an unknown key and a known one must be for the
+unknown one to count as a misspelling of it."""
+_ROLE_FLAGS: dict[Role, str] = {
+    "root": "--model",
+    "worker": "--worker-model",
+    "judge": "--judge-model",
+}
+_ROLE_SETTINGS: dict[Role, str] = {
+    "root": "model",
+    "worker": "worker_model",
+    "judge": "judge_model",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """One entry of the model list: one place a call of its group may go."""
+
+    id: str
+    """The Router's deployment id (``model_info.id``; made up when not given)."""
+    group: str
+    model: str
+    """Its LiteLLM model name."""
+    api_base: str | None
+    timeout_s: float
+    """Per-attempt timeout, in seconds."""
+    quota: str
+    """The quota it draws on; a 429 from it pauses every deployment on it."""
+
+    def describe(self) -> str:
+        """The model and, when it has one, the server: for messages."""
+        return f"{self.model} at {self.api_base}" if self.api_base else self.model
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +145,9 @@ class Group:
     tpm: int | None = None
     max_parallel: int | None = None
     quotas: frozenset[str] = frozenset()
-    """Quotas the group draws on; a 429 from it pauses every group sharing one."""
+    """Quotas the group's deployments draw on."""
+    deployments: tuple[str, ...] = ()
+    """Ids of the group's deployments (keys of :attr:`RoutingTable.deployments`)."""
     price_in: float | None = None
     """USD per prompt token (the dearest deployment's); None: unknown."""
     price_out: float | None = None
@@ -109,11 +168,17 @@ class RoutingTable:
     fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     context_fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     router_settings: dict[str, Any] = field(default_factory=dict)
+    deployments: dict[str, Deployment] = field(default_factory=dict)
+    """Every deployment, by id."""
 
     def chain(self, role: Role) -> list[str]:
         """The groups a call of ``role`` may go to, in order: its own, then fallbacks."""
         first = self.roles[role]
         return [first, *(g for g in self.fallbacks.get(first, ()) if g != first)]
+
+    def sharing_quota(self, quota: str) -> list[Deployment]:
+        """Every deployment, of any group, that draws on ``quota``."""
+        return [d for d in self.deployments.values() if d.quota == quota]
 
 
 class _Deployment(BaseModel):
@@ -204,23 +269,42 @@ def _table_from_flags(
         "worker": config.leaf_model,
         "judge": config.judge,
     }
-    model_list = [
-        {"model_name": role, "litellm_params": _flag_params(config, model)}
-        for role, model in names.items()
-    ]
-    groups = {
-        role: Group(
-            name=role,
-            models=(model,),
-            window=0,
+    deployments = {
+        f"{role}#0": Deployment(
+            id=f"{role}#0",
+            group=role,
+            model=model,
+            api_base=None if model.startswith("local/") else config.api_base,
             timeout_s=config.timeout_s,
-            quotas=frozenset({f"model:{model}"}),
-            **_prices(config, [(model, {})], price_of),
+            quota=f"model:{model}",
         )
         for role, model in names.items()
     }
+    model_list = [
+        {
+            "model_name": d.group,
+            "litellm_params": _flag_params(config, d.model),
+            "model_info": {"id": d.id},
+        }
+        for d in deployments.values()
+    ]
+    groups = {
+        d.group: Group(
+            name=d.group,
+            models=(d.model,),
+            window=0,
+            timeout_s=config.timeout_s,
+            quotas=frozenset({d.quota}),
+            deployments=(d.id,),
+            **_prices(config, [(d.model, {})], price_of),
+        )
+        for d in deployments.values()
+    }
     return RoutingTable(
-        model_list=model_list, roles={role: role for role in ROLES}, groups=groups
+        model_list=model_list,
+        roles={role: role for role in ROLES},
+        groups=groups,
+        deployments=deployments,
     )
 
 
@@ -280,8 +364,10 @@ def _table_from_file(
         if not deployment.litellm_params.get("model"):
             msg = f"In the {where}, deployment '{deployment.model_name}' has no litellm_params.model."
             raise ConfigError(msg)
+        _check_keys(deployment, where)
         check_model(deployment.litellm_params["model"])
         by_group.setdefault(deployment.model_name, []).append(deployment)
+    deployments = _deployments(parsed.model_list, config, where)
 
     settings = {**parsed.litellm_settings, **parsed.router_settings}
     fallbacks = _fallback_map(settings.pop("fallbacks", None), by_group, where)
@@ -296,7 +382,7 @@ def _table_from_file(
         )
         raise ConfigError(msg)
 
-    roles = _roles(parsed.roles, by_group, where)
+    roles = _roles(parsed.roles, by_group, where, _flag_roles(config))
     model_list = [
         {
             "model_name": d.model_name,
@@ -305,13 +391,26 @@ def _table_from_file(
                 **d.litellm_params,
                 "max_retries": 0,
             },
-            "model_info": {k: v for k, v in d.model_info.items() if k != "quota"},
+            "model_info": {
+                **{
+                    k: v
+                    for k, v in d.model_info.items()
+                    if k not in OUR_MODEL_INFO_KEYS
+                },
+                "id": deployment_id,
+            },
         }
-        for d in parsed.model_list
+        for d, deployment_id in zip(parsed.model_list, deployments, strict=True)
     ]
     groups = {
-        name: _group(name, deployments, config, price_of)
-        for name, deployments in by_group.items()
+        name: _group(
+            name,
+            members,
+            [d for d in deployments.values() if d.group == name],
+            price_of,
+            config,
+        )
+        for name, members in by_group.items()
     }
     return RoutingTable(
         model_list=model_list,
@@ -320,39 +419,66 @@ def _table_from_file(
         fallbacks=fallbacks,
         context_fallbacks=context_fallbacks,
         router_settings=settings,
+        deployments=deployments,
     )
+
+
+def _deployments(
+    entries: list[_Deployment], config: RunConfig, where: str
+) -> dict[str, Deployment]:
+    """The deployment records of a file's model list, in its order, by id."""
+    found: dict[str, Deployment] = {}
+    for index, entry in enumerate(entries):
+        given = entry.model_info.get("id")
+        deployment_id = str(given) if given else f"{entry.model_name}#{index}"
+        if deployment_id in found:
+            msg = (
+                f"In the {where}, two deployments have the id '{deployment_id}'; "
+                "give each model_info.id a name of its own."
+            )
+            raise ConfigError(msg)
+        params = entry.litellm_params
+        found[deployment_id] = Deployment(
+            id=deployment_id,
+            group=entry.model_name,
+            model=params["model"],
+            api_base=params.get("api_base"),
+            timeout_s=float(params.get("timeout") or config.timeout_s),
+            quota=str(entry.model_info.get("quota") or f"group:{entry.model_name}"),
+        )
+    return found
 
 
 def _group(
     name: str,
-    deployments: list[_Deployment],
-    config: RunConfig,
+    entries: list[_Deployment],
+    deployments: list[Deployment],
     price_of: Callable[[str], tuple[float, float] | None],
+    config: RunConfig,
 ) -> Group:
-    windows, timeouts, quotas = [], [], set()
-    for d in deployments:
+    windows = []
+    for d in entries:
         info_window = d.model_info.get("max_input_tokens") or d.model_info.get(
             "max_tokens"
         )
         # 0: not stated; filled in from LiteLLM's model map afterwards.
         windows.append(int(info_window) if info_window else 0)
-        timeouts.append(float(d.litellm_params.get("timeout") or config.timeout_s))
-        quotas.add(str(d.model_info.get("quota") or f"group:{name}"))
 
     return Group(
         name=name,
-        models=tuple(d.litellm_params["model"] for d in deployments),
+        models=tuple(d.model for d in deployments),
         window=0 if 0 in windows else min(windows),
-        timeout_s=max(timeouts),
-        rpm=_summed(d.litellm_params.get("rpm") for d in deployments),
-        tpm=_summed(d.litellm_params.get("tpm") for d in deployments),
+        timeout_s=max(d.timeout_s for d in deployments),
+        deployments=tuple(d.id for d in deployments),
+        rpm=_summed(d.litellm_params.get("rpm") for d in entries),
+        tpm=_summed(d.litellm_params.get("tpm") for d in entries),
         max_parallel=_summed(
-            d.litellm_params.get("max_parallel_requests") for d in deployments
+            d.litellm_params.get("max_parallel_requests") for d in entries
         ),
-        quotas=frozenset(quotas),
+        quotas=frozenset(d.quota for d in deployments),
         **_prices(
             config,
-            [(d.litellm_params["model"], d.model_info) for d in deployments],
+            [(d.litellm_params["model"], d.model_info) for d in entries],
             price_of,
         ),
     )
@@ -426,7 +552,22 @@ def _fallback_map(
     return result
 
 
-def _roles(raw: dict[str, str], groups: dict[str, Any], where: str) -> dict[Role, str]:
+def _flag_roles(config: RunConfig) -> dict[Role, str]:
+    """The groups the model flags (or settings) pick, by role."""
+    found: dict[Role, str] = {}
+    for role, setting in _ROLE_SETTINGS.items():
+        name = getattr(config, setting)
+        if name:
+            found[role] = name
+    return found
+
+
+def _roles(
+    raw: dict[str, str],
+    groups: dict[str, Any],
+    where: str,
+    flags: dict[Role, str] | None = None,
+) -> dict[Role, str]:
     for role, group in raw.items():
         if role not in ROLES:
             msg = f"In the {where}, roles names '{role}'; roles are root, worker and judge."
@@ -434,7 +575,16 @@ def _roles(raw: dict[str, str], groups: dict[str, Any], where: str) -> dict[Role
         if group not in groups:
             msg = f"In the {where}, role '{role}' names group '{group}', which no model_list entry defines."
             raise ConfigError(msg)
-    chosen: dict[str, str] = {r: g for r, g in raw.items()}
+    for role, group in (flags or {}).items():
+        if group not in groups:
+            setting = f"{_ROLE_FLAGS[role]} ({_ROLE_SETTINGS[role]})"
+            msg = (
+                f"{setting} is '{group}', which names no group of the {where}; "
+                f"with --router-config it must name one of its groups: "
+                f"{', '.join(sorted(groups))}."
+            )
+            raise ConfigError(msg)
+    chosen: dict[str, str] = {**raw, **(flags or {})}
     for role in ROLES:
         if role not in chosen and role in groups:
             chosen[role] = role
@@ -451,6 +601,114 @@ def _roles(raw: dict[str, str], groups: dict[str, Any], where: str) -> dict[Role
     chosen.setdefault("worker", chosen["root"])
     chosen.setdefault("judge", chosen["root"])
     return {role: chosen[role] for role in ROLES}
+
+
+def _check_keys(entry: _Deployment, where: str) -> None:
+    """Refuse misspelt keys in a deployment's ``litellm_params`` and ``model_info``.
+
+    Raises:
+        ConfigError: naming the key, the deployment and the closest valid key.
+    """
+    known_params, known_info = _known_keys()
+    if not known_params:
+        return
+    name = f"'{entry.model_name}' ({entry.litellm_params.get('model')})"
+    for key in entry.model_info:
+        if key in known_info:
+            continue
+        closest = _closest(key, known_info)
+        hint = (
+            f"the closest valid key is '{closest}'"
+            if closest
+            else "valid keys include max_input_tokens, input_cost_per_token, "
+            "output_cost_per_token, quota and id"
+        )
+        msg = (
+            f"In the {where}, deployment {name} has an unknown model_info key "
+            f"'{key}'; {hint}."
+        )
+        raise ConfigError(msg)
+    for key in entry.litellm_params:
+        if key in known_params:
+            continue
+        closest = _closest(key, known_params)
+        if closest is None:
+            # Providers take parameters of their own (Ollama's keep_alive, ...).
+            logger.info(
+                "router config: deployment %s: litellm_params key '%s' is not one "
+                "LiteLLM's types name; passed to the provider as it is",
+                name,
+                key,
+            )
+            continue
+        msg = (
+            f"In the {where}, deployment {name} has an unknown litellm_params key "
+            f"'{key}'; the closest valid key is '{closest}'."
+        )
+        raise ConfigError(msg)
+
+
+def _closest(key: str, known: frozenset[str]) -> str | None:
+    """The known key ``key`` is most likely a misspelling of, if any."""
+    lowered = key.lower()
+    if lowered in known:
+        return lowered
+    # difflib scores a swap of two letters low on short keys ("rmp"/"rpm": 0.67).
+    swapped = [k for k in known if len(k) == len(key) and sorted(k) == sorted(lowered)]
+    if swapped:
+        return min(swapped)
+    found = difflib.get_close_matches(lowered, known, n=1, cutoff=CLOSE_KEY_RATIO)
+    return found[0] if found else None
+
+
+@functools.cache
+def _known_keys() -> tuple[frozenset[str], frozenset[str]]:
+    """Keys LiteLLM reads in ``litellm_params`` and ``model_info``, from its types.
+
+    ``litellm_params``: the fields of the Router's params model and typed dict,
+    and the arguments of ``litellm.completion`` (a deployment may fix any of
+    them). ``model_info``: the Router's model-info model and the fields of the
+    model map entries, plus rlm-graph's own keys.
+    """
+    import litellm
+    from litellm.types import router as router_types
+    from litellm.types import utils as util_types
+
+    params: set[str] = set()
+    for kind in ("LiteLLM_Params", "GenericLiteLLMParams", "LiteLLMParamsTypedDict"):
+        params |= _fields_of(getattr(router_types, kind, None))
+    info: set[str] = set()
+    info |= _fields_of(getattr(router_types, "ModelInfo", None))
+    for kind in ("ModelInfoBase", "ModelInfo", "ProviderSpecificModelInfo"):
+        info |= _fields_of(getattr(util_types, kind, None))
+    if not params or not info:
+        # A LiteLLM whose types moved: checking against a partial list would
+        # refuse valid keys, so nothing is checked (and the log says so).
+        logger.warning(
+            "LiteLLM's router types were not found; router config keys are not checked"
+        )
+        return frozenset(), frozenset()
+    arguments = inspect.signature(litellm.completion).parameters.values()
+    params |= {
+        a.name
+        for a in arguments
+        if a.kind not in (a.VAR_KEYWORD, a.VAR_POSITIONAL)
+        and a.name not in ("messages", "model_list")
+    }
+    return frozenset(params), frozenset(info | OUR_MODEL_INFO_KEYS)
+
+
+def _fields_of(kind: Any) -> set[str]:
+    """Field names of a pydantic model or a TypedDict; none for anything else."""
+    if kind is None:
+        return set()
+    fields = getattr(kind, "model_fields", None)
+    if isinstance(fields, dict):
+        return set(fields)
+    keys = getattr(kind, "__required_keys__", frozenset()) | getattr(
+        kind, "__optional_keys__", frozenset()
+    )
+    return set(keys)
 
 
 class Pacer:
@@ -496,30 +754,44 @@ class Pacer:
 
 
 class QuotaGates:
-    """Pauses every call to a quota after that quota answered "rate limited".
+    """Pauses every deployment on a quota after that quota answered "rate limited".
 
     Deployments that share one quota (one account behind two endpoints) would
     otherwise take turns failing: a retry or fallback sent at once to the
-    twin meets the same exhausted quota.
+    twin meets the same exhausted quota. A group waits only while every one
+    of its deployments is paused; the Router is told to skip the paused ones.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._until: dict[str, float] = {}
         self._clock = clock
 
-    def block(self, quotas: Iterable[str], seconds: float) -> None:
-        """Hold back calls to ``quotas`` for ``seconds`` from now."""
+    def block(self, quota: str, seconds: float) -> None:
+        """Hold back calls to ``quota`` for ``seconds`` from now."""
         until = self._clock() + seconds
-        for quota in quotas:
-            self._until[quota] = max(self._until.get(quota, 0.0), until)
+        self._until[quota] = max(self._until.get(quota, 0.0), until)
 
-    async def wait(self, quotas: Iterable[str]) -> float:
-        """Sleep until none of ``quotas`` is held back; returns seconds waited."""
+    def paused_for(self, quota: str) -> float:
+        """Seconds left of ``quota``'s pause; 0 when it is open."""
+        return max(self._until.get(quota, 0.0) - self._clock(), 0.0)
+
+    def pause_any(self, quotas: Iterable[str]) -> float:
+        """Seconds until at least one of ``quotas`` is open; 0 if one is now."""
+        return min((self.paused_for(q) for q in quotas), default=0.0)
+
+    async def wait_any(self, quotas: Iterable[str], margin_s: float = 0.0) -> float:
+        """Sleep until at least one of ``quotas`` is open; returns seconds waited.
+
+        Args:
+            quotas: the quotas of a group's deployments.
+            margin_s: extra wait after a pause ends, so that whoever else
+                keeps the same pause (the Router's cooldown) has ended it too.
+        """
         waited = 0.0
+        quotas = tuple(quotas)
         while True:
-            now = self._clock()
-            pause = max((self._until.get(q, 0.0) - now for q in quotas), default=0.0)
+            pause = self.pause_any(quotas)
             if pause <= 0:
                 return waited
-            waited += pause
-            await asyncio.sleep(pause)
+            waited += pause + margin_s
+            await asyncio.sleep(pause + margin_s)

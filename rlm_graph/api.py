@@ -320,21 +320,27 @@ def prepare(
     config: RunConfig | None = None,
     on_event: Callable[[Event], None] | None = None,
     stdin_text: str | None = None,
+    source: Source | None = None,
     **settings: Any,
 ) -> Engine:
     """Load the source, check the models and make the plan; no model call yet.
 
     Args:
         stdin_text: what to read for a ``-`` path instead of ``sys.stdin``.
+        source: an already loaded source, instead of ``paths`` or ``text``.
     """
     _record_model(settings)
     config = _configure(config, settings)
-    source = _load(paths, text, config, stdin_text)
+    if source is not None and (paths or text is not None):
+        msg = "Pass a source, paths or text, not several."
+        raise ConfigError(msg)
+    source = source if source is not None else _load(paths, text, config, stdin_text)
     client = ModelClient(config, on_call=_call_notifier(on_event))
     window = client.window("worker")
     plan = make_plan(
         question, source, config,
         count=lambda t: client.count_tokens("worker", t), window=window,
+        local_worker=client.is_local("worker"),
     )
     return Engine(source, config, plan, client, emit=on_event)
 

@@ -14,6 +14,7 @@ a model, and prices it: what ``--dry-run`` prints.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -60,9 +61,10 @@ class Budget:
         self._clock = clock
         self._started = clock()
         self.calls = 0
-        """Attempts sent (each retry counts)."""
+        """Attempts sent (each retry counts; none the Router refused unsent)."""
         self.tokens = 0
-        """Prompt plus completion tokens of the attempts that returned."""
+        """Prompt plus completion tokens of the attempts that returned, and the
+        prompt tokens of those that timed out."""
         self.cost_usd = 0.0
         self._held_tokens = 0
         self._held_cost = 0.0
@@ -121,6 +123,12 @@ class Budget:
             return "max-time", f"{self.max_time_s:g} s"
         return None
 
+    def cancel(self, reservation: _Reservation) -> None:
+        """Give back an attempt that was never sent: its call and its hold."""
+        self.calls -= 1
+        self._held_tokens -= reservation.tokens
+        self._held_cost -= reservation.cost
+
     def settle(self, reservation: _Reservation, tokens: int, cost: float) -> None:
         """Replace an attempt's reservation by what it really spent."""
         self._held_tokens -= reservation.tokens
@@ -148,16 +156,28 @@ class Estimate(BaseModel):
     """Spans read by one leaf call each."""
     skipped: int
     """Spans the plan's filter skips unread."""
+    plan_calls: int = 0
+    """1 when the root model will plan the run (``planner="model"``), else 0."""
     leaf_calls: int
     merge_calls: int
     """Free-text merge calls if every piece finds something (an upper bound)."""
     calls: int
-    """Leaf plus merge calls, first attempts only (retries and re-asks add more)."""
+    """Plan, leaf and merge calls, first attempts only (retries and re-asks
+    add more)."""
     prompt_tokens: int
+    """Prompt tokens of the plan and leaf calls: what a run without failures
+    sends before merging. Counted with the worker's tokenizer, without the
+    safety margin added for other vendors' models (their tokenizers may count
+    up to ~20 % more)."""
+    merge_prompt_tokens: int = 0
+    """Prompt tokens of the merge calls if every piece finds something, each
+    partial answer at its longest (an upper bound; pieces that find nothing
+    are not merged)."""
     completion_tokens: int
     """Output allowance of every call (an upper bound)."""
     cost_usd: float | None
-    """At the models' prices; None when a price is unknown."""
+    """At the models' prices, for every token above (an upper bound); None
+    when a price is unknown."""
     depth: int
     """Deepest level of the split tree."""
 
@@ -166,9 +186,10 @@ def estimate(engine: Engine) -> Estimate:
     """Walk the split tree of a prepared run and count its calls, tokens and cost.
 
     No model is called. The tree is the one the run would cut before any
-    failure makes it split finer.
+    failure makes it split finer, with the plan the rules made (a model's
+    plan, made when the run starts, can differ).
     """
-    from rlm_graph.nodes.prompts import leaf_messages, merge_messages
+    from rlm_graph.nodes.delegate import PLAN_OUTPUT_TOKENS
     from rlm_graph.nodes.types import Task
 
     plan = engine.plan
@@ -190,45 +211,107 @@ def estimate(engine: Engine) -> Estimate:
             skipped += 1
             continue
         children = engine.split(task)
-        if children:
-            stack.extend(children)
-            if plan.kind == "text":
-                merges += _merge_calls(len(children), plan.fan_in)
-        else:
+        if not children:
             leaves.append(task)
+            continue
+        stack.extend(children)
+        if plan.kind == "text":
+            # Children the filter skips find nothing, and nothing is not merged.
+            read = sum(engine.passes_filter(child) for child in children)
+            merges += _merge_calls(read, plan.fan_in)
 
-    empty = leaf_messages(
-        plan.kind, root.model_copy(update={"end": 0}), "", feedback=None, file_hint=""
+    worker_margin = engine.client.count_margin("worker")
+    leaf_prompt = round(
+        sum(_leaf_prompt_tokens(engine, t) for t in leaves) / worker_margin
     )
-    overhead = engine.client.count_tokens(
-        "worker", "\n".join(m["content"] for m in empty)
-    )
-    leaf_prompt = sum(task.tokens + overhead for task in leaves)
-    merge_prompt = (
-        merges
-        * engine.client.count_tokens(
-            "root",
-            "\n".join(
-                m["content"]
-                for m in merge_messages(plan.question, ["x" * 4] * plan.fan_in)
-            ),
-        )
-        + merges * plan.fan_in * plan.output_tokens
-    )
+    plan_prompt = _plan_prompt_tokens(engine)
+    merge_prompt = merges * _merge_prompt_tokens(engine)
+    plan_calls = 1 if plan_prompt else 0
     leaf_out = len(leaves) * plan.output_tokens
     merge_out = merges * plan.max_output_tokens
+    plan_out = plan_calls * PLAN_OUTPUT_TOKENS
 
     return Estimate(
         pieces=len(leaves),
         skipped=skipped,
+        plan_calls=plan_calls,
         leaf_calls=len(leaves),
         merge_calls=merges,
-        calls=len(leaves) + merges,
-        prompt_tokens=leaf_prompt + merge_prompt,
-        completion_tokens=leaf_out + merge_out,
-        cost_usd=_priced(engine, leaf_prompt, leaf_out, merge_prompt, merge_out),
+        calls=plan_calls + len(leaves) + merges,
+        prompt_tokens=plan_prompt + leaf_prompt,
+        merge_prompt_tokens=merge_prompt,
+        completion_tokens=plan_out + leaf_out + merge_out,
+        cost_usd=_priced(
+            engine,
+            leaf_prompt,
+            leaf_out,
+            plan_prompt + merge_prompt,
+            plan_out + merge_out,
+        ),
         depth=depth,
     )
+
+
+def _leaf_prompt_tokens(engine: Engine, task: Task) -> int:
+    """Worker tokens of a leaf's prompt: its span plus the instructions around it."""
+    return task.tokens + _leaf_overhead(engine)
+
+
+def _leaf_overhead(engine: Engine) -> int:
+    from rlm_graph.nodes.prompts import leaf_messages
+    from rlm_graph.nodes.types import Task
+
+    cached = engine.__dict__.get("_estimate_overhead")
+    if cached is None:
+        plan = engine.plan
+        probe = Task(
+            id="0", start=0, end=0, depth=0, question=plan.sub_question, tokens=0
+        )
+        empty = leaf_messages(
+            plan.kind,
+            probe,
+            "",
+            feedback=None,
+            file_hint=engine.source.locate(0).file.name,
+            record_schema=plan.record_schema,
+        )
+        cached = engine.client.count_tokens(
+            "worker", "\n".join(m["content"] for m in empty)
+        )
+        engine.__dict__["_estimate_overhead"] = cached
+    return int(cached)
+
+
+def _plan_prompt_tokens(engine: Engine) -> int:
+    """Root tokens of the planning call the run will make; 0 when it makes none."""
+    from rlm_graph.nodes.plan import PLANNED_FIELDS, plan_messages, preview_source
+
+    plan = engine.plan
+    if engine.config.planner != "model" or plan.made_by != "rules":
+        return 0
+    if set(PLANNED_FIELDS) <= set(plan.overridden):
+        return 0  # flags fixed every planned field: the run makes no planning call
+    count = functools.partial(engine.client.count_tokens, "root")
+    preview = preview_source(engine.source, count)
+    messages = plan_messages(engine.plan.question, preview, engine.plan)
+    text = "\n".join(m["content"] for m in messages)
+    return round(count(text) / engine.client.count_margin("root"))
+
+
+def _merge_prompt_tokens(engine: Engine) -> int:
+    """Root tokens of one full merge call: fan-in partial answers at their longest."""
+    from rlm_graph.nodes.prompts import ANSWER_MAX_CHARS, merge_messages
+
+    text = engine.source.text
+    middle = max(len(text) // 2 - ANSWER_MAX_CHARS // 2, 0)
+    # A partial answer is at most ANSWER_MAX_CHARS characters of text much
+    # like the source's: a slice of it counts like one.
+    partial = text[middle : middle + ANSWER_MAX_CHARS]
+    messages = merge_messages(engine.plan.question, [partial] * engine.plan.fan_in)
+    tokens = engine.client.count_tokens(
+        "root", "\n".join(m["content"] for m in messages)
+    )
+    return round(tokens / engine.client.count_margin("root"))
 
 
 def _merge_calls(children: int, fan_in: int) -> int:
@@ -237,12 +320,12 @@ def _merge_calls(children: int, fan_in: int) -> int:
 
 
 def _priced(
-    engine: Engine, leaf_in: int, leaf_out: int, merge_in: int, merge_out: int
+    engine: Engine, leaf_in: int, leaf_out: int, root_in: int, root_out: int
 ) -> float | None:
     worker, root = engine.client.prices("worker"), engine.client.prices("root")
-    if worker is None or (root is None and merge_in):
+    if worker is None or (root is None and root_in):
         return None
     cost = leaf_in * worker[0] + leaf_out * worker[1]
     if root is not None:
-        cost += merge_in * root[0] + merge_out * root[1]
+        cost += root_in * root[0] + root_out * root[1]
     return cost

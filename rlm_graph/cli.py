@@ -52,7 +52,8 @@ _model_options = _together(
     click.option(
         "--router-config", type=click.Path(dir_okay=False),
         help="LiteLLM proxy-style YAML (model_list, router_settings, roles): "
-        "deployments, fallbacks, rpm/tpm, cooldowns. Replaces the model flags.",
+        "deployments, fallbacks, rpm/tpm, cooldowns. The model flags then name "
+        "its groups.",
     ),
     click.option("--api-base", help="Base URL of an OpenAI-compatible, Ollama or vLLM server."),
     click.option("--api-key", envvar="RLM_GRAPH_API_KEY", help="Key for --api-base (or RLM_GRAPH_API_KEY)."),
@@ -100,7 +101,12 @@ def main() -> None:
 @click.option("--timeout", "timeout_s", type=float, help="Seconds per model call attempt.")
 @click.option("--encoding", help="Encoding of the source files (default utf-8).")
 @_budget_options
-@click.option("--dry-run", is_flag=True, help="Print pieces, calls, tokens and cost; call no model.")
+@click.option(
+    "--dry-run", is_flag=True,
+    help="Print the plan, pieces, calls, tokens and cost, and stop. With the model "
+    "planner this makes the one planning call (recorded in the store, so the run "
+    "reuses it); with --planner rules it calls no model.",
+)
 @click.option("--store", "store", envvar="RLM_GRAPH_STORE", help=_STORE_HELP)
 @click.option("--run-id", help="Name the run (letters, digits, '._-'); default: a random id.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -117,6 +123,9 @@ def run_command(
         _RedactSecrets.known.add(settings["api_key"])
     progress = _Progress(enabled=sys.stderr.isatty(), store=store)
     with _errors_to_exit_codes(debug, progress):
+        _refuse_conflicts(
+            settings, schema_file=schema_file, dry_run=dry_run, run_id=run_id
+        )
         _configure_logging(verbose, debug)
         if schema_file:
             settings["answer_schema"] = _read_schema(schema_file)
@@ -128,7 +137,10 @@ def run_command(
         if "-" in sources:
             stdin_text = decode_bytes(sys.stdin.buffer.read(), "<stdin>", options.get("encoding") or "utf-8")
         engine = prepare(question, list(sources), stdin_text=stdin_text, on_event=progress.on_event, **settings)
+        _refuse_clamped_overlap(engine, settings)
         if dry_run:
+            if engine.config.planner == "model":
+                _await(_plan_once(engine, store))
             _print_estimate(engine, as_json)
             return
         progress.start(engine)
@@ -349,6 +361,24 @@ def eval_command(
 ) -> None:
     """Compare a direct call, a flat map-reduce and rlm-graph on generated tasks."""
     with _errors_to_exit_codes(debug):
+        from rlm_graph.errors import ConfigError
+
+        if reading_double and model:
+            msg = (
+                "--reading-double is the model of the evaluation; drop --model, "
+                "or drop --reading-double."
+            )
+            raise ConfigError(msg)
+        needles = "needle" in (families or ("needle",))
+        depths_given = click.get_current_context().get_parameter_source("depths")
+        by_hand = depths_given == click.core.ParameterSource.COMMANDLINE
+        if not needles and (straddle_tokens or by_hand):
+            msg = (
+                "--depths and --straddle-tokens place needles; add --task needle "
+                "or drop them."
+            )
+            raise ConfigError(msg)
+        parsed_sizes, parsed_depths = _parse_sizes(sizes), _parse_depths(depths)
         _configure_logging(verbose, debug)
         from pathlib import Path
 
@@ -356,9 +386,8 @@ def eval_command(
         from rlm_graph.eval.harness import Row
 
         instances = suite(
-            list(families or ["needle"]), _parse_sizes(sizes), seed=seed,
-            depths=tuple(float(d) for d in depths.split(",") if d.strip()),
-            straddle_tokens=straddle_tokens,
+            list(families or ["needle"]), parsed_sizes, seed=seed,
+            depths=parsed_depths, straddle_tokens=straddle_tokens,
         )
         settings: dict[str, Any] = {
             key: value for key, value in
@@ -404,7 +433,15 @@ def eval_command(
             click.echo(f"chart written to {chart}", err=True)
 
 
+MIN_EVAL_TOKENS = 1_000
+"""Smallest evaluation source: below it a generator cannot place its records,
+needle and decoys."""
+
+
 def _parse_sizes(text: str) -> list[int]:
+    """Sizes like ``8k,32k,1.5m``: whole token counts of at least 1k."""
+    import re
+
     from rlm_graph.errors import ConfigError
 
     sizes = []
@@ -412,13 +449,51 @@ def _parse_sizes(text: str) -> list[int]:
         part = part.strip().lower()
         if not part:
             continue
-        scale = {"k": 1_000, "m": 1_000_000}.get(part[-1], 1)
-        try:
-            sizes.append(int(float(part.rstrip("km")) * scale))
-        except ValueError:
-            msg = f"--sizes: {part!r} is not a size; write e.g. 8k,32k,1m."
-            raise ConfigError(msg) from None
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)([km]?)", part)
+        if match is None:
+            msg = (
+                f"--sizes: {part!r} is not a size; write token counts with an "
+                "optional k or m, e.g. 8k,32k,1m."
+            )
+            raise ConfigError(msg)
+        scale = {"k": 1_000, "m": 1_000_000, "": 1}[match.group(2)]
+        tokens = float(match.group(1)) * scale
+        if tokens < MIN_EVAL_TOKENS or not tokens.is_integer():
+            msg = (
+                f"--sizes: {part!r} is too small or not whole; each size must be "
+                "at least 1k tokens."
+            )
+            raise ConfigError(msg)
+        sizes.append(int(tokens))
+    if not sizes:
+        msg = "--sizes is empty; give at least one size, e.g. --sizes 8k."
+        raise ConfigError(msg)
     return sizes
+
+
+def _parse_depths(text: str) -> tuple[float, ...]:
+    """Needle depths like ``0.1,0.5,0.9``: shares of the source from 0 to 1."""
+    from rlm_graph.errors import ConfigError
+
+    depths = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            depth = float(part)
+        except ValueError:
+            depth = -1.0
+        if not 0.0 <= depth <= 1.0:
+            msg = (
+                f"--depths: {part!r} is not a share of the source; write numbers "
+                "from 0 to 1, e.g. 0.1,0.5,0.9."
+            )
+            raise ConfigError(msg)
+        depths.append(depth)
+    if not depths:
+        msg = "--depths is empty; give at least one depth, e.g. --depths 0.5."
+        raise ConfigError(msg)
+    return tuple(depths)
 
 
 def _eval_config(model: str | None, context_window: int | None, settings: dict[str, Any]) -> Any:
@@ -683,20 +758,96 @@ class _Progress:
         )
 
 
+def _refuse_conflicts(
+    settings: dict[str, Any],
+    *,
+    schema_file: str | None,
+    dry_run: bool,
+    run_id: str | None,
+) -> None:
+    """Refuse flags that contradict each other, before anything is read or paid."""
+    from rlm_graph.errors import ConfigError
+
+    kind = settings.get("kind")
+    if schema_file and kind not in (None, "auto", "schema"):
+        msg = (
+            f"--kind {kind} and --schema conflict: with a schema the answer is a list "
+            "of records (kind schema). Drop one of them."
+        )
+        raise ConfigError(msg)
+    if dry_run and run_id:
+        msg = "--dry-run makes no run, so --run-id has nothing to name. Drop one."
+        raise ConfigError(msg)
+
+
+def _refuse_clamped_overlap(engine: Any, settings: dict[str, Any]) -> None:
+    """Refuse an --overlap-tokens the plan had to cut (at most a quarter of a leaf)."""
+    from rlm_graph.errors import ConfigError
+
+    asked = settings.get("overlap_tokens")
+    if asked is not None and engine.plan.overlap_tokens < asked:
+        msg = (
+            f"--overlap-tokens {asked} is more than a quarter of the "
+            f"{engine.plan.leaf_tokens:,}-token leaf spans; use at most "
+            f"{engine.plan.leaf_tokens // 4}, or a larger --chunk-tokens."
+        )
+        raise ConfigError(msg)
+
+
+async def _plan_once(engine: Any, store: str | None) -> None:
+    """Make the model's plan with the run's store as the call log, so the run
+    that follows answers its planning call from there instead of paying again."""
+    from rlm_graph.store import open_store
+
+    async with open_store(store) as opened:
+        engine.client.call_log = opened
+        await engine.plan_with_model()
+
+
 def _print_estimate(engine: Any, as_json: bool) -> None:
     from rlm_graph.budget import estimate
+    from rlm_graph.nodes.plan import render_plan
 
     figures = estimate(engine)
+    usage = engine.client.usage
+    planning = usage.calls + usage.cached_calls
     if as_json:
-        click.echo(json.dumps(figures.model_dump(mode="json"), indent=2))
+        data = figures.model_dump(mode="json")
+        data["plan"] = engine.plan.model_dump(mode="json")
+        data["planning_calls"] = {"sent": usage.calls, "recorded": usage.cached_calls}
+        click.echo(json.dumps(data, indent=2))
         return
-    cost = "unknown (no price for a model; see --price-in)" if figures.cost_usd is None else f"${figures.cost_usd:.4f}"
+    if planning:
+        paid = "from the store's call log" if usage.cached_calls else (
+            f"{usage.prompt_tokens:,} prompt + {usage.completion_tokens:,} "
+            "completion tokens"
+        )
+        click.echo(
+            f"planning: 1 call to the root model ({paid}); the run reuses it from "
+            "the store instead of paying again"
+        )
+    else:
+        click.echo("planning: by rules, no model call")
+    click.echo(render_plan(engine.plan))
+    cost = (
+        "unknown (no price for a model; see --price-in)"
+        if figures.cost_usd is None
+        else f"up to ${figures.cost_usd:.4f}"
+    )
+    plan = "1 plan + " if figures.plan_calls else ""
+    merges = (
+        f" (+ up to {figures.merge_prompt_tokens:,} in merges)"
+        if figures.merge_prompt_tokens
+        else ""
+    )
     click.echo(
         f"dry run: {engine.source.describe()}, {engine.plan.source_tokens:,} tokens, "
         f"{engine.plan.kind} answer\n"
         f"  pieces:     {figures.pieces:,} (skipped by --filter: {figures.skipped:,}; depth {figures.depth})\n"
-        f"  calls:      {figures.calls:,} ({figures.leaf_calls:,} leaf + up to {figures.merge_calls:,} merge)\n"
-        f"  tokens:     {figures.prompt_tokens:,} prompt + up to {figures.completion_tokens:,} completion\n"
+        f"  calls:      {figures.calls:,} ({plan}{figures.leaf_calls:,} leaf + "
+        f"up to {figures.merge_calls:,} merge)\n"
+        f"  tokens:     {figures.prompt_tokens:,} prompt{merges} + up to "
+        f"{figures.completion_tokens:,} completion\n"
         f"  cost:       {cost}\n"
         "  (first attempts only: retries, re-asks and finer splits add to these)"
     )
@@ -708,7 +859,9 @@ def _print_human(result: Any) -> None:
     elif result.kind == "table":
         answer = "\n".join(f"{label}: {n}" for label, n in (result.answer or {}).items()) or "(nothing found)"
     elif result.kind == "yesno":
-        answer = {True: "yes", False: "no"}.get(result.answer, "(no part of the source said)")
+        answer = "yes" if result.answer else "no"
+        if not result.found:
+            answer = "no (no evidence found)"
     elif result.kind == "schema":
         records = [json.dumps(r, ensure_ascii=False) for r in result.answer or []]
         answer = "\n".join(records) or "(nothing found)"
@@ -717,6 +870,13 @@ def _print_human(result: Any) -> None:
     else:
         answer = str(result.answer)
     click.echo(answer)
+    if result.status == "partial":
+        parts = len(result.failures)
+        click.echo(
+            f"(partial answer: {parts} part{'s' if parts != 1 else ''} of the "
+            "source could not be answered, so this covers the rest only; see "
+            "the warnings)"
+        )
     if result.citations:
         click.echo("\nCitations:")
         for citation in result.citations[:20]:

@@ -51,7 +51,8 @@ class RunConfig(BaseSettings):
     router_config: Path | None = None
     """A LiteLLM proxy-style YAML file (``model_list``, ``router_settings``):
     deployments, fallbacks, rpm/tpm limits, cooldowns and which group plays
-    which role. Replaces the model flags when given."""
+    which role. With it, ``model``, ``worker_model`` and ``judge_model`` name
+    groups of the file (and pick them for their roles)."""
 
     api_base: str | None = None
     """Base URL for an OpenAI-compatible, Ollama or vLLM server, for both roles."""
@@ -172,6 +173,7 @@ class RunConfig(BaseSettings):
         if value.get("type") != "object" or not value.get("properties"):
             msg = 'the answer schema must describe one record: {"type": "object", "properties": {...}}'
             raise ValueError(msg)
+        _check_refs(value)
         return value
 
     @field_validator("model", "worker_model", "judge_model", "api_base")
@@ -208,3 +210,65 @@ class RunConfig(BaseSettings):
         """Whether any budget (calls, tokens, cost, time) is set."""
         limits = (self.max_calls, self.max_tokens, self.max_cost, self.max_time_s)
         return any(limit is not None for limit in limits)
+
+
+def _check_refs(schema: dict[str, Any]) -> None:
+    """Every ``$ref`` of a record schema must point inside it, at something there.
+
+    A reference to another document would need a download (runs are offline),
+    and a dangling one would only fail once replies come back, after calls
+    were paid.
+
+    Raises:
+        ValueError: the first reference that points nowhere or outside.
+    """
+    import referencing.exceptions
+    from referencing import Registry
+    from referencing.jsonschema import DRAFT202012
+
+    resource = DRAFT202012.create_resource(schema)
+    resolver = Registry().with_resource("urn:rlm-graph:record", resource).resolver(
+        base_uri="urn:rlm-graph:record"
+    )
+    for ref in _refs(schema):
+        if not ref.startswith("#"):
+            msg = (
+                f"the answer schema's $ref {ref!r} points outside the schema; refs "
+                "to other documents are not fetched: put the definition under "
+                '"$defs" and refer to it as "#/$defs/NAME".'
+            )
+            raise ValueError(msg)
+        try:
+            resolver.lookup(ref)
+        except referencing.exceptions.Unresolvable:
+            msg = (
+                f"the answer schema's $ref {ref!r} points nowhere in the schema; "
+                'define it under "$defs".'
+            )
+            raise ValueError(msg) from None
+
+
+def _refs(node: Any, *, named: bool = False) -> list[str]:
+    """Every ``$ref`` string in a schema, data keywords (enum, const ...) aside.
+
+    Args:
+        named: ``node`` maps names to schemas (``properties``, ``$defs`` ...), so
+            its keys are names, not keywords.
+    """
+    if isinstance(node, list):
+        return [ref for item in node for ref in _refs(item)]
+    if not isinstance(node, dict):
+        return []
+    if named:
+        return [ref for value in node.values() for ref in _refs(value)]
+    found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+    for key, value in node.items():
+        if key not in _DATA_KEYWORDS:
+            found += _refs(value, named=key in _NAMED_KEYWORDS)
+    return found
+
+
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "$ref"})
+_NAMED_KEYWORDS = frozenset(
+    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+)

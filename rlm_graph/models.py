@@ -28,11 +28,17 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception,
-    stop_after_attempt,
     wait_exponential_jitter,
 )
 
-from rlm_graph._routing import Group, Pacer, QuotaGates, Role, routing_table
+from rlm_graph._routing import (
+    Deployment,
+    Group,
+    Pacer,
+    QuotaGates,
+    Role,
+    routing_table,
+)
 from rlm_graph.budget import Budget
 from rlm_graph.config import RunConfig
 from rlm_graph.errors import (
@@ -43,7 +49,12 @@ from rlm_graph.errors import (
     StoreError,
 )
 from rlm_graph.result import Usage
-from rlm_graph.tokens import context_window, ensure_offline_litellm, token_counter
+from rlm_graph.tokens import (
+    context_window,
+    ensure_offline_litellm,
+    token_counter,
+    tokenizer_margin,
+)
 
 __all__ = ["CallLog", "Completion", "MemoryCallLog", "ModelClient", "Role", "call_key"]
 
@@ -53,6 +64,13 @@ MAX_RETRY_WAIT_S = 120.0
 MIN_MASKED_KEY_CHARS = 4
 DEFAULT_RATE_LIMIT_PAUSE_S = 1.0
 """How long a quota pauses after a 429 that gave no Retry-After."""
+QUOTA_MARGIN_S = 0.02
+"""Extra wait after a quota pause, so that the Router's cooldown of the same
+length (started a moment later) is over too and it does not refuse the call."""
+MAX_LOCAL_REFUSALS = 8
+"""Most times one call is refused by the Router without being sent (every
+deployment cooling down) before it fails; each waits the time the Router names."""
+_QUOTA_PAUSED = "_rlm_quota_paused_s"
 # Phrases servers use for "prompt too long" when they do not send a typed error:
 # OpenAI, vLLM, llama.cpp server, SGLang, Ollama, Anthropic, Gemini (K05).
 _CONTEXT_PATTERNS = re.compile(
@@ -199,6 +217,18 @@ class ModelClient:
             return None
         return group.price_in, group.price_out
 
+    def is_local(self, role: Role) -> bool:
+        """Whether ``role``'s group runs only the embedded model."""
+        return self.table.groups[self.table.roles[role]].is_local
+
+    def count_margin(self, role: Role) -> float:
+        """How much :meth:`count_tokens` overcounts ``role``'s model on purpose.
+
+        Counts for other vendors' models carry a safety margin for fitting
+        windows; an estimate of what is billed divides it out.
+        """
+        return tokenizer_margin(self.table.groups[self.table.roles[role]].models[0])
+
     def count_tokens(self, role: Role, text: str) -> int:
         """Count tokens of ``text`` with the tokenizer of ``role``'s model."""
         return self._limits_of(self.table.roles[role]).count(text)
@@ -311,21 +341,26 @@ class ModelClient:
         params: dict[str, Any],
         key: str,
     ) -> Completion:
+        tally = _Tally()
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.config.max_retries + 1),
+            stop=tally.stop_after(self.config.max_retries + 1),
             wait=_wait_retry_after,
             retry=retry_if_exception(_is_transient),
-            before_sleep=functools.partial(_log_retry, role, name, self._mask),
+            before_sleep=functools.partial(
+                _log_retry, role, name, self._mask, self._pause_of(name)
+            ),
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._send_once(role, name, messages, params, key)
+                    return await self._send_once(
+                        role, name, messages, params, key, tally
+                    )
         except (ModelCallError, BudgetExceeded, StoreError):
             raise
         except Exception as exc:
-            raise self._translate(name, exc) from exc
+            raise self._translate(name, exc, tally) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _send_once(
@@ -335,24 +370,31 @@ class ModelClient:
         messages: list[dict[str, str]],
         params: dict[str, Any],
         key: str,
+        tally: _Tally,
     ) -> Completion:
         group = self.table.groups[name]
         limits = self._limits_of(name)
-        estimate = limits.count("\n".join(m["content"] for m in messages)) + params["max_tokens"]
+        prompt_tokens = limits.count("\n".join(m["content"] for m in messages))
+        estimate = prompt_tokens + params["max_tokens"]
         async with limits.parallel:
-            await self._gates.wait(group.quotas)
+            await self._gates.wait_any(self._quotas_of(group), margin_s=QUOTA_MARGIN_S)
             await limits.pace(estimate)
             async with self._semaphore:
                 reservation = self.budget.reserve(estimate, _cost_of(group, estimate, 0))
-                self.usage.calls += 1
+                metadata: dict[str, Any] = {}
                 started = time.monotonic()
                 try:
-                    response = await self._post(name, group, messages, params)
+                    response = await self._post(name, group, messages, params, metadata)
                 except BaseException as exc:
-                    self.budget.settle(reservation, 0, 0.0)
-                    self._block_quota_after(group, exc)
+                    self._record_failure(
+                        group, reservation, exc, prompt_tokens, metadata, tally
+                    )
                     raise
-                completion = self._completion_from(role, group, messages, response)
+                tally.sent += 1
+                self.usage.calls += 1
+                completion = self._completion_from(
+                    role, group, messages, response, metadata
+                )
                 self.budget.settle(reservation, completion.total_tokens, completion.cost_usd)
                 _raise_if_error_body(response)
                 # Recorded before the slot is freed: at any moment at most
@@ -371,16 +413,26 @@ class ModelClient:
         return completion
 
     async def _post(
-        self, name: str, group: Group, messages: list[dict[str, str]], params: dict[str, Any]
+        self,
+        name: str,
+        group: Group,
+        messages: list[dict[str, str]],
+        params: dict[str, Any],
+        metadata: dict[str, Any],
     ) -> Any:
-        """One request through the Router, cut short when the run's time is up."""
+        """One request through the Router, cut short when the run's time is up.
+
+        ``metadata`` must be a fresh dict: LiteLLM writes into it (STACK-FINDINGS
+        2), among other things the deployment the Router chose.
+        """
         timeout = group.timeout_s + 5
         remaining = self.budget.remaining_s()
         cut_by_budget = remaining is not None and remaining < timeout
         try:
-            # A fresh metadata dict per call: litellm writes into it (STACK-FINDINGS 2).
             return await asyncio.wait_for(
-                self.router.acompletion(model=name, messages=messages, metadata={}, **params),
+                self.router.acompletion(
+                    model=name, messages=messages, metadata=metadata, **params
+                ),
                 timeout=min(timeout, remaining) if cut_by_budget and remaining else timeout,
             )
         except TimeoutError as exc:
@@ -389,19 +441,91 @@ class ModelClient:
             stop = self.budget.stop("max-time", f"{self.config.max_time_s:g} s")
             raise stop from exc
 
-    def _block_quota_after(self, group: Group, exc: BaseException) -> None:
-        if not isinstance(exc, self._litellm.RateLimitError):
+    def _record_failure(
+        self,
+        group: Group,
+        reservation: Any,
+        exc: BaseException,
+        prompt_tokens: int,
+        metadata: dict[str, Any],
+        tally: _Tally,
+    ) -> None:
+        """Count an attempt that raised: in usage and budget only if it was sent."""
+        if _refused_locally(exc):
+            # The Router sent nothing (every deployment cooling down): no call.
+            self.budget.cancel(reservation)
+            tally.refused += 1
+            return
+        tally.sent += 1
+        self.usage.calls += 1
+        deployment = self._deployment_of(metadata)
+        if deployment is not None:
+            tally.deployment = deployment
+        if not _timed_out(exc):
+            self.budget.settle(reservation, 0, 0.0)
+            self._block_quota_after(group, deployment, exc)
+            return
+        # The prompt went out and a provider may bill it though no answer came.
+        tally.timed_out += 1
+        cost = _cost_of(group, prompt_tokens, 0)
+        self.budget.settle(reservation, prompt_tokens, cost or 0.0)
+        self.usage.timed_out_calls += 1
+        self.usage.prompt_tokens += prompt_tokens
+        self.usage.cost_usd += cost or 0.0
+        self.usage.cost_known = self.usage.cost_known and cost is not None
+
+    def _deployment_of(self, metadata: dict[str, Any]) -> Deployment | None:
+        """The deployment the Router chose for a call, from the metadata it filled."""
+        info = metadata.get("model_info")
+        deployment_id = info.get("id") if isinstance(info, dict) else None
+        return self.table.deployments.get(str(deployment_id)) if deployment_id else None
+
+    def _pause_of(self, name: str) -> Callable[[], float]:
+        """Seconds until some deployment of group ``name`` has an open quota."""
+        quotas = self._quotas_of(self.table.groups[name])
+        return lambda: self._gates.pause_any(quotas)
+
+    def _quotas_of(self, group: Group) -> list[str]:
+        return [self.table.deployments[d].quota for d in group.deployments]
+
+    def _block_quota_after(
+        self, group: Group, deployment: Deployment | None, exc: BaseException
+    ) -> None:
+        """After a 429, pause the quota that gave it, on every deployment using it."""
+        if not isinstance(exc, Exception) or not isinstance(
+            exc, self._litellm.RateLimitError
+        ):
             return
         wait = retry_after_seconds(_headers_of(exc))
         wait = wait if wait is not None else DEFAULT_RATE_LIMIT_PAUSE_S
-        logger.debug("quota %s paused %.1f s after a rate limit", ",".join(sorted(group.quotas)), wait)
-        self._gates.block(group.quotas, wait)
+        # Not knowing which deployment answered, pause them all.
+        quotas = {deployment.quota} if deployment is not None else set(group.quotas)
+        for quota in sorted(quotas):
+            self._gates.block(quota, wait)
+            paused = self.table.sharing_quota(quota)
+            logger.info(
+                "quota %s paused %.1f s after a rate limit from %s: %s wait",
+                quota,
+                wait,
+                deployment.describe() if deployment else group.name,
+                ", ".join(d.describe() for d in paused),
+            )
+            cooldowns = self.router.health().cooldowns
+            for other in paused:
+                # The Router then picks another deployment of the group, if any.
+                cooldowns.add_deployment_to_cooldown(other.id, exc, 429, wait)
+        setattr(exc, _QUOTA_PAUSED, wait)
 
     def _limits_of(self, name: str) -> _GroupLimits:
         return self._group_limits[name]
 
     def _completion_from(
-        self, role: Role, group: Group, messages: list[dict[str, str]], response: Any
+        self,
+        role: Role,
+        group: Group,
+        messages: list[dict[str, str]],
+        response: Any,
+        metadata: dict[str, Any],
     ) -> Completion:
         choice = response.choices[0]
         message = choice.message
@@ -416,6 +540,7 @@ class ModelClient:
             prompt_tokens = limits.count("\n".join(m["content"] for m in messages))
             completion_tokens = limits.count(text)
         cost = _cost_of(group, prompt_tokens, completion_tokens)
+        deployment = self._deployment_of(metadata)
 
         return Completion(
             text=text,
@@ -424,7 +549,7 @@ class ModelClient:
             completion_tokens=completion_tokens,
             cost_usd=cost or 0.0,
             cost_known=cost is not None,
-            model=group.models[0] if len(group.models) == 1 else str(response.model),
+            model=deployment.model if deployment else _model_of(group, response),
             refusal=refusal,
         )
 
@@ -443,24 +568,28 @@ class ModelClient:
             text = text.replace(secret, "***")
         return text
 
-    def _translate(self, name: str, exc: BaseException) -> ModelCallError:
+    def _translate(
+        self, name: str, exc: BaseException, tally: _Tally
+    ) -> ModelCallError:
         litellm = self._litellm
-        model = _describe(self.table.groups[name])
+        group = self.table.groups[name]
+        deployment = tally.deployment
+        model = deployment.model if deployment else _describe(group)
         detail = self._mask(_short(exc))
         if isinstance(exc, litellm.ContextWindowExceededError) or _mentions_context(exc):
             return ContextWindowError(f"{model}: prompt too long for its context window ({detail})")
+        if _timed_out(exc):
+            return self._timeout_error(name, group, tally)
         if _is_unreachable(exc):
-            where = self.config.api_base or "the provider"
-            timed_out = isinstance(exc, litellm.Timeout | asyncio.TimeoutError)
-            reason = "timed out" if timed_out else "connection failed"
+            where = deployment.api_base if deployment else None
+            where = where or self.config.api_base
             return ModelCallError(
-                f"Cannot reach {where} for model {model} ({reason} after "
-                f"{self.config.max_retries + 1} attempts). Check that the server is "
+                f"Cannot reach {where or 'the provider'} for model {model} (connection "
+                f"failed after {tally.sent} attempts). Check that the server is "
                 "running and that --api-base is right.",
                 retryable=True,
-                # A refused connection fails every call alike; a timeout may be
-                # one stalled request, so only the task fails.
-                systemic=not timed_out,
+                # A refused connection fails every call alike.
+                systemic=True,
             )
         if isinstance(exc, litellm.AuthenticationError):
             return ModelCallError(
@@ -474,6 +603,44 @@ class ModelClient:
             )
         retryable = _is_transient(exc)
         return ModelCallError(f"{model} call failed: {detail}", retryable=retryable)
+
+    def _timeout_error(self, name: str, group: Group, tally: _Tally) -> ModelCallError:
+        """A call whose attempts timed out: which model, where, and after how long."""
+        deployment = tally.deployment
+        seconds = deployment.timeout_s if deployment else group.timeout_s
+        who = deployment.describe() if deployment else _describe(group)
+        if self.config.router_config is not None:
+            who += f" (group '{name}')"
+        return ModelCallError(
+            f"Model {who} timed out: no answer within {seconds:g} s "
+            f"({tally.timed_out} of {tally.sent} attempts timed out). If the model "
+            "is slow rather than stuck, raise --timeout (or the deployment's "
+            "timeout in the router config).",
+            retryable=True,
+            # A timeout may be one stalled request: only this task fails.
+            systemic=False,
+        )
+
+
+class _Tally:
+    """What the attempts of one call to one group did, for retries and messages."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        """Attempts that went out (whatever came back)."""
+        self.refused = 0
+        """Attempts the Router refused without sending anything."""
+        self.timed_out = 0
+        self.deployment: Deployment | None = None
+        """The deployment the last failed attempt went to, when known."""
+
+    def stop_after(self, attempts: int) -> Callable[[RetryCallState], bool]:
+        """A tenacity stop: ``attempts`` sent, or too many local refusals."""
+
+        def stop(state: RetryCallState) -> bool:
+            return self.sent >= attempts or self.refused >= MAX_LOCAL_REFUSALS
+
+        return stop
 
 
 class _GroupLimits:
@@ -500,6 +667,11 @@ def _describe(group: Group) -> str:
     if len(group.models) == 1:
         return group.models[0]
     return f"{group.name} ({', '.join(group.models)})"
+
+
+def _model_of(group: Group, response: Any) -> str:
+    """The model that answered, when the Router did not say which deployment."""
+    return group.models[0] if len(group.models) == 1 else str(response.model)
 
 
 def _price_of(litellm: Any, model: str) -> tuple[float, float] | None:
@@ -569,6 +741,25 @@ def _is_unreachable(exc: BaseException) -> bool:
     # litellm reports a refused connection as an InternalServerError.
     text = str(exc).lower()
     return "connection error" in text or "connection refused" in text
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether an attempt was sent and got no answer in time (ours or LiteLLM's)."""
+    import litellm
+
+    if isinstance(exc, BudgetExceeded):
+        # The run's --max-time cut the attempt in flight.
+        return isinstance(exc.__cause__, TimeoutError)
+    return isinstance(exc, litellm.Timeout | asyncio.TimeoutError)
+
+
+def _refused_locally(exc: BaseException) -> bool:
+    """Whether the Router refused an attempt without sending it."""
+    import litellm
+
+    if isinstance(exc, litellm.RouterRateLimitError):
+        return True
+    return "No deployments available" in str(exc)
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -648,6 +839,10 @@ _backoff = wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)
 
 def _wait_retry_after(state: RetryCallState) -> float:
     exc = state.outcome.exception() if state.outcome else None
+    if exc is not None and hasattr(exc, _QUOTA_PAUSED):
+        # The quota's pause holds the next attempt back, and only as long as
+        # no deployment of the group is free (a twin on another quota is).
+        return 0.0
     headers = _headers_of(exc)
     requested = retry_after_seconds(headers)
     if requested is None and exc is not None:
@@ -684,10 +879,19 @@ def _headers_of(exc: BaseException | None) -> Mapping[str, str] | None:
     return getattr(exc, "litellm_response_headers", None)
 
 
-def _log_retry(role: str, group: str, mask: Callable[[str], str], state: RetryCallState) -> None:
+def _log_retry(
+    role: str,
+    group: str,
+    mask: Callable[[str], str],
+    quota_pause: Callable[[], float],
+    state: RetryCallState,
+) -> None:
     exc = state.outcome.exception() if state.outcome else None
     wait = state.next_action.sleep if state.next_action else 0.0
     told = retry_after_seconds(_headers_of(exc)) is not None
+    if hasattr(exc, _QUOTA_PAUSED):
+        # The quota pause is the wait: none if another quota's deployment is free.
+        wait = quota_pause()
     logger.info(
         "%s call to %s: attempt %d failed (%s); retrying in %.1f s%s",
         role, group, state.attempt_number, mask(_short(exc)), wait,

@@ -34,7 +34,8 @@ class Usage(_Record):
     """Model calls and what they cost."""
 
     calls: int = 0
-    """Model calls sent (retries of one call count once each attempt)."""
+    """Model calls sent (retries of one call count once each attempt). An
+    attempt the Router refused before sending anything is not a call."""
     cached_calls: int = 0
     """Calls answered from the call log instead of the model."""
     prompt_tokens: int = 0
@@ -43,11 +44,15 @@ class Usage(_Record):
     """Cost from LiteLLM's offline price map; local models cost 0."""
     cost_known: bool = True
     """False when some call's model had no known price (its cost counted as 0)."""
+    timed_out_calls: int = 0
+    """Attempts that timed out (also in ``calls``). Their prompt tokens are
+    counted in ``prompt_tokens`` and cost: a provider may bill them."""
 
     def add(self, other: Usage) -> None:
         """Add another usage record to this one, in place."""
         self.calls += other.calls
         self.cached_calls += other.cached_calls
+        self.timed_out_calls += other.timed_out_calls
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.cost_usd += other.cost_usd
@@ -85,7 +90,8 @@ class TaskNode(_Record):
     (every kind but text) only the root keeps its answer: each parent's answer
     already holds its children's items and quotes."""
     verdict: str = "ok"
-    """What verify said: ok, no-evidence, unsupported, truncated, failed, ..."""
+    """What verify said: ok, skipped, no-evidence, unbacked, malformed,
+    truncated, split-after-..., ..."""
     status: Literal["done", "failed", "stopped"] = "done"
     attempts: int = 0
     """Model calls this task made itself (children not included)."""
@@ -107,8 +113,9 @@ class Result(_Record):
     """Answer kind: text, list, count, table, yesno or schema."""
     answer: Any
     """Depends on ``kind``: text; a list of strings; an integer; a
-    ``{label: count}`` dict; True/False (None when no part said); a list of
-    records (dicts valid under the schema)."""
+    ``{label: count}`` dict; True/False (False with ``found`` False when no
+    evidence was found); a list of records (dicts valid under the schema).
+    With status ``partial`` it covers only the parts that were answered."""
     found: bool = True
     """False when no part of the source answered the question."""
     citations: list[Citation] = Field(default_factory=list)

@@ -25,6 +25,7 @@ __all__ = [
     "ensure_offline_litellm",
     "tiktoken_encoding",
     "token_counter",
+    "tokenizer_margin",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,10 +71,23 @@ def token_counter(model: str) -> TokenCounter:
 
     bare = model.split("/", 1)[-1].lower()
     encoding = tiktoken_encoding("o200k_base" if bare.startswith(_O200K_PREFIXES) else "cl100k_base")
+    return functools.partial(_count, encoding, tokenizer_margin(model))
+
+
+def tokenizer_margin(model: str) -> float:
+    """How much :func:`token_counter` scales its count for ``model`` up.
+
+    1.0 for models counted with their own tokenizer (OpenAI's, the embedded
+    ones); :data:`FOREIGN_TOKENIZER_MARGIN` for the rest, whose count is a GPT
+    tokenizer's plus a safety margin for fitting windows.
+    """
+    if model.startswith("local/"):
+        return 1.0
+    bare = model.split("/", 1)[-1].lower()
     is_openai = model.startswith(("openai/", "azure/")) or "/" not in model
     if is_openai and bare.startswith(_OPENAI_PREFIXES):
-        return functools.partial(_count, encoding, 1.0)
-    return functools.partial(_count, encoding, FOREIGN_TOKENIZER_MARGIN)
+        return 1.0
+    return FOREIGN_TOKENIZER_MARGIN
 
 
 def context_window(model: str, override: int | None = None) -> int:

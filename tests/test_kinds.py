@@ -139,7 +139,7 @@ def test_yesno_needs_a_quote_from_the_span():
         and ok.answer.evidence[0].start == TEXT.index("Ticket 2")
     )
     assert made_up.code == "no-evidence"
-    assert silent.ok and not silent.answer.found and silent.answer.value is None
+    assert silent.ok and not silent.answer.found and silent.answer.value is False
     assert odd.code == "malformed"
 
 

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from rlm_graph import ConfigError, ContextWindowError, ModelCallError, RunConfig
+from rlm_graph.errors import BudgetExceeded
 from rlm_graph.models import ModelClient, retry_after_seconds
 from rlm_graph.testing import FakeOpenAIServer, Reply, sequence
 
@@ -201,3 +202,50 @@ def test_unusable_replies_are_not_recorded_in_the_call_log():
     assert not _usable(Completion("", "stop", 1, 0), {})
     assert not _usable(Completion("x", "stop", 1, 1, refusal="no"), {})
     assert _usable(Completion("plain text", "stop", 1, 1), {})
+
+
+async def test_a_timed_out_attempt_counts_the_prompt_it_sent():
+    replies = sequence(Reply(error="timeout"), Reply(content="ok"))
+    with FakeOpenAIServer(replies) as server:
+        client = client_for(
+            server, timeout_s=0.5, max_retries=1, price_in=2, price_out=8
+        )
+        completion = await client.complete("worker", MESSAGES, max_tokens=16)
+        assert len(server.requests) == 2
+
+    sent = client.count_tokens("worker", MESSAGES[0]["content"])
+    usage = client.usage
+    assert usage.calls == 2 and usage.timed_out_calls == 1
+    assert usage.prompt_tokens == completion.prompt_tokens + sent
+    assert usage.cost_usd == pytest.approx(completion.cost_usd + sent * 2e-6)
+    assert client.budget.tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+async def test_timed_out_prompts_count_against_the_token_budget():
+    long_question = [{"role": "user", "content": "word " * 40}]
+    with FakeOpenAIServer(lambda r: Reply(error="timeout")) as server:
+        client = client_for(server, timeout_s=0.3, max_retries=5, max_tokens=150)
+        sent = client.count_tokens("worker", long_question[0]["content"])
+        with pytest.raises(BudgetExceeded, match="max-tokens"):
+            await client.complete("worker", long_question, max_tokens=16)
+
+    # Each attempt holds prompt + 16 while in flight and keeps its prompt after:
+    # the third would cross 150 tokens, so only two were sent.
+    assert 40 <= sent <= 60
+    assert client.usage.calls == client.usage.timed_out_calls == 2
+    assert len(server.requests) <= 2  # on loaded cores one may time out unread
+    assert client.budget.tokens == client.usage.prompt_tokens == 2 * sent
+
+
+async def test_a_timeout_says_it_timed_out_after_how_long_and_where():
+    with FakeOpenAIServer(lambda r: Reply(error="stall")) as server:
+        client = client_for(server, timeout_s=0.5, max_retries=1)
+        with pytest.raises(ModelCallError) as caught:
+            await client.complete("worker", MESSAGES, max_tokens=16)
+        api_base = server.api_base
+
+    message = str(caught.value)
+    assert "timed out" in message and "0.5 s" in message
+    assert f"openai/fake-model at {api_base}" in message
+    assert "2 of 2 attempts" in message
+    assert "Cannot reach" not in message and "sk-fake-key-for-tests" not in message

@@ -378,3 +378,262 @@ def test_router_config_mistakes_are_config_errors(tmp_path, content, message):
 def test_missing_router_config_says_so(tmp_path):
     with pytest.raises(ConfigError, match="Cannot read the router config"):
         ModelClient(RunConfig(router_config=tmp_path / "nope.yaml"))
+
+
+async def test_a_429_pauses_every_deployment_on_its_quota_and_no_other(tmp_path):
+    limited: list[float] = []
+
+    def respond(request: ModelRequest) -> Reply | str:
+        if request.model == "east" and not limited:
+            limited.append(request.received_at)
+            return Reply(error="rate_limit", retry_after="1")
+        return f"from {request.model}"
+
+    team = {"max_input_tokens": 4096, "quota": "team-account"}
+    own = {"max_input_tokens": 4096, "quota": "own-account"}
+    with FakeOpenAIServer(respond) as server:
+        client = client_with(
+            tmp_path,
+            [
+                deployment(server, "worker", "east", model_info=team),
+                deployment(server, "worker", "west", model_info=team),
+                deployment(server, "worker", "north", model_info=own),
+                deployment(server, "big", "south", model_info=team),
+            ],
+            roles={"root": "big", "worker": "worker"},
+            max_retries=2,
+            concurrency=1,
+        )
+        root_call = None
+        for i in range(400):
+            await client.complete("worker", ask(f"q{i}"), max_tokens=8)
+            if limited and root_call is None:
+                # A group of one deployment on the paused quota waits it out.
+                root_call = asyncio.create_task(
+                    client.complete("root", ask("root"), max_tokens=8)
+                )
+            if limited and time.monotonic() - limited[0] > 1.3:
+                break
+        await root_call
+
+    pause = (limited[0], limited[0] + 0.95)
+    during = [r for r in server.requests if pause[0] < r.received_at < pause[1]]
+    on_team = [r.model for r in during if r.model in ("east", "west", "south")]
+    assert on_team == [], f"deployments on the paused quota were called: {on_team}"
+    assert any(r.model == "north" for r in during), "another quota kept working"
+    assert sent_to(server, "south")[0].received_at >= pause[1]
+    assert client.usage.calls == len(server.requests)
+
+
+@pytest.mark.parametrize(
+    ("section", "entry", "key", "closest"),
+    [
+        (
+            "model_info",
+            {"max_input_token": 8192},
+            "max_input_token",
+            "max_input_tokens",
+        ),
+        ("model_info", {"qouta": "team"}, "qouta", "quota"),
+        (
+            "model_info",
+            {"input_cost_per_tokn": 1e-6},
+            "input_cost_per_tokn",
+            "input_cost_per_token",
+        ),
+        ("litellm_params", {"rmp": 60}, "rmp", "rpm"),
+        ("litellm_params", {"api_bse": "http://127.0.0.1:9/v1"}, "api_bse", "api_base"),
+        ("litellm_params", {"timout": 3}, "timout", "timeout"),
+        (
+            "litellm_params",
+            {"max_parallel_request": 2},
+            "max_parallel_request",
+            "max_parallel_requests",
+        ),
+    ],
+)
+def test_misspelt_deployment_keys_are_refused_with_the_closest_key(
+    tmp_path, section, entry, key, closest
+):
+    item = {
+        "model_name": "fast",
+        "litellm_params": {"model": "openai/small"},
+        "model_info": {},
+    }
+    item[section].update(entry)
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump({"model_list": [item]}))
+    with pytest.raises(ConfigError) as caught:
+        ModelClient(RunConfig(router_config=path))
+
+    message = str(caught.value)
+    assert f"'{key}'" in message and f"'{closest}'" in message, message
+    assert "'fast' (openai/small)" in message and section in message
+    assert "\n" not in message
+
+
+def test_every_key_litellms_types_name_is_accepted(tmp_path):
+    from litellm.types.router import LiteLLM_Params, ModelInfo
+
+    params = {k: None for k in LiteLLM_Params.model_fields if k not in ("model",)}
+    info = {k: None for k in ModelInfo.model_fields if k != "id"}
+    item = {
+        "model_name": "fast",
+        # Keys of LiteLLM's own, and one a provider takes that no type names.
+        "litellm_params": {"model": "openai/small", **params, "keep_alive": "5m"},
+        "model_info": {**info, "max_input_tokens": 8192, "quota": "team"},
+    }
+    from rlm_graph._routing import _check_keys, _Deployment
+
+    _check_keys(_Deployment.model_validate(item), "router config")
+    # The Router takes these too, though its pydantic model does not list them.
+    for key in ("weight", "order", "max_parallel_requests", "seed", "extra_headers"):
+        _check_keys(
+            _Deployment.model_validate(
+                {**item, "litellm_params": {"model": "openai/x", key: 1}}
+            ),
+            "router config",
+        )
+
+
+async def test_model_flags_pick_router_groups_for_their_roles(tmp_path):
+    with FakeOpenAIServer(by_model(small="from small", large="from large")) as server:
+        path = tmp_path / "router.yaml"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "model_list": [
+                        deployment(server, "fast", "small"),
+                        deployment(server, "big", "large"),
+                    ],
+                    "roles": {"root": "big", "worker": "fast"},
+                }
+            )
+        )
+        client = ModelClient(
+            RunConfig(router_config=path, model="fast", worker_model="big")
+        )
+        root = await client.complete("root", ask(), max_tokens=8)
+        worker = await client.complete("worker", ask(), max_tokens=8)
+
+        # Two groups and no roles: --model alone says which is the root.
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "model_list": [
+                        deployment(server, "fast", "small"),
+                        deployment(server, "big", "large"),
+                    ]
+                }
+            )
+        )
+        only_model = ModelClient(RunConfig(router_config=path, model="big"))
+
+    assert (root.text, worker.text) == ("from small", "from large")
+    assert client.table.roles == {"root": "fast", "worker": "big", "judge": "fast"}
+    assert only_model.table.roles == {"root": "big", "worker": "big", "judge": "big"}
+
+
+@pytest.mark.parametrize(
+    ("setting", "flag"),
+    [
+        ("model", "--model"),
+        ("worker_model", "--worker-model"),
+        ("judge_model", "--judge-model"),
+    ],
+)
+def test_a_model_flag_naming_no_group_is_refused_with_the_groups(
+    tmp_path, setting, flag
+):
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        "model_list:\n"
+        "  - {model_name: fast, litellm_params: {model: openai/small}}\n"
+        "  - {model_name: big, litellm_params: {model: openai/large}}\n"
+        "roles: {root: big, worker: fast}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        ModelClient(RunConfig(router_config=path, **{setting: "openai/gpt-4o"}))
+
+    message = str(caught.value)
+    assert flag in message and "'openai/gpt-4o'" in message
+    assert "big, fast" in message and "\n" not in message
+
+
+def test_cli_model_flag_with_router_config_naming_no_group_exits_2(tmp_path):
+    from click.testing import CliRunner
+
+    from rlm_graph.cli import main
+
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        "model_list: [{model_name: fast, litellm_params: {model: openai/small}}]\n"
+    )
+    source = tmp_path / "notes.txt"
+    source.write_text("Some notes.\n")
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(source),
+            "-q",
+            "What?",
+            "--router-config",
+            str(path),
+            "--worker-model",
+            "openai/gpt-4o",
+        ],
+    )
+
+    assert result.exit_code == 2, result.output
+    assert "--worker-model" in result.stderr and "fast" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_router_refusals_are_not_calls_and_do_not_spend_the_budget(
+    tmp_path, caplog
+):
+    with FakeOpenAIServer(lambda r: "ok") as server:
+        client = client_with(
+            tmp_path,
+            [deployment(server, "worker", "a"), deployment(server, "worker", "b")],
+            max_retries=3,
+            max_calls=1,
+        )
+        # Both deployments cooling down (as after failures with allowed_fails):
+        # the Router refuses the first attempt without sending anything.
+        cooldowns = client.router.health().cooldowns
+        for deployment_id in client.table.groups["worker"].deployments:
+            cooldowns.add_deployment_to_cooldown(
+                deployment_id, RuntimeError("failed"), 500, 0.5
+            )
+        with caplog.at_level(logging.INFO, logger="rlm_graph"):
+            completion = await client.complete("worker", ask(), max_tokens=8)
+
+    refusals = [
+        r for r in caplog.records if "No deployments available" in r.getMessage()
+    ]
+    assert completion.text == "ok"
+    assert refusals, "the Router refused an attempt while both cooled down"
+    assert len(server.requests) == 1
+    assert client.usage.calls == client.budget.calls == 1, (
+        "a refused attempt is no call, and --max-calls 1 still let the real one go"
+    )
+
+
+def test_a_hosted_worker_from_a_router_config_reads_window_sized_spans(tmp_path):
+    from rlm_graph.api import prepare
+    from rlm_graph.nodes.plan import LOCAL_LEAF_TOKENS
+
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        "model_list:\n"
+        "  - model_name: worker\n"
+        "    litellm_params: {model: openai/small, api_base: 'http://127.0.0.1:9/v1'}\n"
+        "    model_info: {max_input_tokens: 16000}\n"
+    )
+    engine = prepare("What?", text="word " * 20000, router_config=path)
+
+    assert engine.plan.leaf_tokens > 4 * LOCAL_LEAF_TOKENS, (
+        "only the embedded model reads 1,500-token spans by default"
+    )

@@ -22,7 +22,14 @@ from rlm_graph.eval.generators import (
     records_count_task,
     suite,
 )
-from rlm_graph.eval.harness import Row, draw_chart, format_table, run_eval, score
+from rlm_graph.eval.harness import (
+    Row,
+    draw_chart,
+    format_table,
+    instance_source,
+    run_eval,
+    score,
+)
 from rlm_graph.eval.methods import METHODS, MethodRun, run_method
 
 __all__ = [
@@ -33,6 +40,7 @@ __all__ = [
     "Row",
     "draw_chart",
     "format_table",
+    "instance_source",
     "make_instance",
     "multidoc_task",
     "needle_task",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,9 @@ from rlm_graph.config import RunConfig
 from rlm_graph.errors import ConfigError
 from rlm_graph.eval.generators import Instance
 from rlm_graph.eval.methods import METHODS, MethodName, MethodRun, run_method
+from rlm_graph.source import Source, source_from_documents
 
-__all__ = ["Row", "draw_chart", "format_table", "run_eval", "score"]
+__all__ = ["Row", "draw_chart", "format_table", "instance_source", "run_eval", "score"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,38 +88,50 @@ async def run_eval(
 ) -> list[Row]:
     """Run every method on every instance, one at a time, and score them.
 
-    Each instance's files are written to a temporary folder first. The answer
-    kind is fixed per instance for all methods alike (``config.kind`` is set to
-    the instance's kind), so the comparison measures structure, not wording.
+    Each method reads the instance's files as one source whose files are named
+    ``<instance>/<file>`` (:func:`instance_source`): no machine path reaches a
+    prompt, so a seed gives the same prompts, tokens and answers on every run
+    and machine. The answer kind is fixed per instance for all methods alike
+    (``config.kind`` is set to the instance's kind), so the comparison measures
+    structure, not wording.
     """
     rows: list[Row] = []
     for instance in instances:
-        with tempfile.TemporaryDirectory(prefix="rlm-eval-") as folder:
-            paths = instance.write(Path(folder) / instance.name)
-            run_config = config.model_copy(update={"kind": instance.kind})
-            for method in methods:
-                run = await run_method(method, instance, paths, run_config)
-                row = Row(
-                    instance=instance.name,
-                    family=instance.family,
-                    tokens=instance.target_tokens,
-                    method=method,
-                    score=score(instance, run.answer),
-                    expected=instance.expected,
-                    run=run,
-                )
-                logger.info(
-                    "%s %s: score %.2f, %d calls, %.1f s",
-                    instance.name,
-                    method,
-                    row.score,
-                    run.calls,
-                    run.elapsed_s,
-                )
-                rows.append(row)
-                if on_row is not None:
-                    on_row(row)
+        source = instance_source(instance)
+        run_config = config.model_copy(update={"kind": instance.kind})
+        for method in methods:
+            run = await run_method(method, instance, source, run_config)
+            row = Row(
+                instance=instance.name,
+                family=instance.family,
+                tokens=instance.target_tokens,
+                method=method,
+                score=score(instance, run.answer),
+                expected=instance.expected,
+                run=run,
+            )
+            logger.info(
+                "%s %s: score %.2f, %d calls, %.1f s",
+                instance.name,
+                method,
+                row.score,
+                run.calls,
+                run.elapsed_s,
+            )
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
     return rows
+
+
+def instance_source(instance: Instance) -> Source:
+    """An instance's files as one source, named ``<instance name>/<file name>``."""
+    return source_from_documents(
+        [
+            (f"{instance.name}/{name}", instance.files[name])
+            for name in sorted(instance.files)
+        ]
+    )
 
 
 def format_table(rows: Sequence[Row]) -> str:

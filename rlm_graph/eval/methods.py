@@ -17,7 +17,6 @@ import asyncio
 import logging
 import re
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -29,7 +28,7 @@ from rlm_graph.nodes.plan import make_plan
 from rlm_graph.nodes.prompts import leaf_messages, merge_messages, schema_for
 from rlm_graph.nodes.types import Task
 from rlm_graph.nodes.verify import parse_json_reply
-from rlm_graph.source import load_source
+from rlm_graph.source import Source
 from rlm_graph.split import split_span
 from rlm_graph.tokens import context_window
 
@@ -58,17 +57,22 @@ class MethodRun(BaseModel):
 
 
 async def run_method(
-    method: MethodName, instance: Instance, paths: list[Path], config: RunConfig
+    method: MethodName, instance: Instance, source: Source, config: RunConfig
 ) -> MethodRun:
-    """Run one method on one instance's files and time it."""
+    """Run one method on one instance's source and time it.
+
+    Args:
+        source: the instance's files as one source
+            (:func:`rlm_graph.eval.harness.instance_source`).
+    """
     started = time.monotonic()
     try:
         if method == "rlm":
-            result = await _rlm(instance, paths, config)
+            result = await _rlm(instance, source, config)
         else:
             client = ModelClient(config)
             runner = _direct if method == "direct" else _mapreduce
-            answer = await runner(instance, paths, config, client)
+            answer = await runner(instance, source, config, client)
             usage = client.usage
             result = MethodRun(
                 method=method,
@@ -85,12 +89,15 @@ async def run_method(
     return result.model_copy(update={"elapsed_s": round(time.monotonic() - started, 2)})
 
 
-async def _rlm(instance: Instance, paths: list[Path], config: RunConfig) -> MethodRun:
-    from rlm_graph.api import arun
+async def _rlm(instance: Instance, source: Source, config: RunConfig) -> MethodRun:
+    from rlm_graph.api import execute, prepare
+    from rlm_graph.store import open_store
 
     # In memory: evaluation runs are not for resuming, and must not fill (or
     # wait on a lock of) the user's run store.
-    result = await arun(instance.question, [str(p) for p in paths], config=config, store="memory")
+    engine = prepare(instance.question, source=source, config=config)
+    async with open_store("memory") as store:
+        result = await execute(engine, store=store)
     usage = result.usage
     return MethodRun(
         method="rlm",
@@ -105,23 +112,21 @@ async def _rlm(instance: Instance, paths: list[Path], config: RunConfig) -> Meth
 
 
 async def _direct(
-    instance: Instance, paths: list[Path], config: RunConfig, client: ModelClient
+    instance: Instance, source: Source, config: RunConfig, client: ModelClient
 ) -> Any:
-    source = load_source([str(p) for p in paths])
     window = context_window(config.leaf_model, config.context_window)
     # One call reads as much as the window holds, not a leaf-sized span.
     whole = config.model_copy(update={"chunk_tokens": 10**9})
     budget = _leaf_budget(instance, source, whole, client, window)
     text = _truncate(source.text, budget, lambda t: client.count_tokens("worker", t))
-    completion = await _leaf_call(instance, text, client, config, paths)
+    completion = await _leaf_call(instance, text, client, config, source)
 
     return _value(config.kind, completion)
 
 
 async def _mapreduce(
-    instance: Instance, paths: list[Path], config: RunConfig, client: ModelClient
+    instance: Instance, source: Source, config: RunConfig, client: ModelClient
 ) -> Any:
-    source = load_source([str(p) for p in paths])
     window = context_window(config.leaf_model, config.context_window)
     budget = _leaf_budget(instance, source, config, client, window)
     spans = split_span(
@@ -139,7 +144,7 @@ async def _mapreduce(
         spans = matching or spans  # a filter that drops everything means no filter
     completions = await asyncio.gather(
         *(
-            _leaf_call(instance, source.text[start:end], client, config, paths)
+            _leaf_call(instance, source.text[start:end], client, config, source)
             for start, end in spans
         )
     )
@@ -166,13 +171,13 @@ async def _leaf_call(
     text: str,
     client: ModelClient,
     config: RunConfig,
-    paths: list[Path],
+    source: Source,
 ) -> Completion | None:
     kind = config.kind if config.kind != "auto" else instance.kind
     task = Task(
         id="0", start=0, end=len(text), depth=0, question=instance.question, tokens=0
     )
-    messages = leaf_messages(kind, task, text, feedback=None, file_hint=paths[0].name)
+    messages = leaf_messages(kind, task, text, feedback=None, file_hint=source.files[0].name)
     try:
         return await client.complete(
             "worker",

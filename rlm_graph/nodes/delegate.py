@@ -32,6 +32,7 @@ from rlm_graph.nodes.merge import (
 from rlm_graph.nodes.plan import (
     MIN_LEAF_TOKENS,
     PLAN_SCHEMA,
+    PLANNED_FIELDS,
     apply_model_plan,
     piece_budget,
     plan_messages,
@@ -173,6 +174,10 @@ class Engine:
         1K prompt tokens.
         """
         if self.config.planner != "model" or self.plan.made_by != "rules":
+            return self.plan
+        if set(PLANNED_FIELDS) <= set(self.plan.overridden):
+            # Flags fixed every field a plan decides: a call could change nothing.
+            self.adopt_plan(self.plan.model_copy(update={"made_by": "flags (no planning call)"}))
             return self.plan
         preview = preview_source(self.source, lambda t: self.client.count_tokens("root", t))
         messages = plan_messages(self.plan.question, preview, self.plan)
@@ -362,12 +367,16 @@ class Engine:
                 more = min(2 * max_tokens, self.plan.max_output_tokens)
                 return Decision("retry", verdict="truncated", feedback=None, max_tokens=more)
             return self._split_or_fail(task, "truncated", f"reply cut off at {max_tokens} output tokens")
+        if verdict.code == "too-many":
+            # More occurrences than one reply may quote: asking again cannot help.
+            return self._split_or_fail(task, "too-many", verdict.feedback or "too many to quote")
         if re_asks < self.config.verify_retries:
             return Decision("retry", verdict=verdict.code, feedback=verdict.feedback, max_tokens=max_tokens)
-        if verdict.code in ("no-evidence", "restated") and not self.can_split_finer(task):
-            # An answer its own span does not support is dropped, not merged.
-            return Decision("accept", answer=Answer(kind=self.plan.kind, found=False), verdict="unsupported")
-        return self._split_or_fail(task, verdict.code, f"reply {verdict.code} after {re_asks + 1} tries")
+        # Every answer of this span was rejected: it is split finer, and where it
+        # cannot be, it is a failure the result lists. Never an empty answer: a
+        # count of 0 or "not found" would claim what nobody read.
+        reason = f"every reply was rejected ({verdict.code}, {re_asks + 1} tries): {verdict.feedback}"
+        return self._split_or_fail(task, verdict.code, reason)
 
     async def judge(self, task: Task, decision: Decision, *, re_asks: int) -> Decision:
         """Let the judge model check an accepted answer against its span.

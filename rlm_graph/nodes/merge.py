@@ -11,6 +11,7 @@ model, in groups of at most ``fan_in`` answers at a time (see
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from collections.abc import Iterable
@@ -164,17 +165,65 @@ def merge_evidence(answers: list[Answer]) -> tuple[Evidence, ...]:
 def _sum_distinct(
     parts: Iterable[tuple[int, tuple[Evidence, ...]]],
 ) -> tuple[int, tuple[Evidence, ...]]:
-    """Add counts, minus each occurrence already counted by an earlier part
-    (same evidence offsets); return the total and the distinct evidence."""
+    """Add counts, minus each occurrence an earlier part already counted; return
+    the total and the distinct evidence.
+
+    Two quotes are one occurrence when they overlap by at least half of the
+    shorter one (two spans may quote one record with different extents), and
+    each earlier quote stands for at most one quote of a later part: a part's
+    own quotes are distinct occurrences (verify places them apart), so two of
+    them are never both taken for one earlier occurrence.
+    """
     total = 0
-    kept: dict[tuple[int, int], Evidence] = {}
+    seen = _Occurrences()
     for count, evidence in parts:
-        spans = {(e.start, e.end) for e in evidence}
-        duplicates = sum(1 for span in spans if span in kept)
-        total += max(count - duplicates, 0)
+        matched: set[int] = set()
+        fresh = []
         for item in evidence:
-            kept.setdefault((item.start, item.end), item)
-    return total, tuple(sorted(kept.values(), key=lambda e: e.start))
+            twin = seen.find(item, exclude=matched)
+            if twin is None:
+                fresh.append(item)
+            else:
+                matched.add(twin)
+        total += max(count - len(matched), 0)
+        for item in fresh:
+            seen.add(item)
+    return total, seen.in_order()
+
+
+class _Occurrences:
+    """Evidence counted so far, searchable by place."""
+
+    def __init__(self) -> None:
+        self._items: list[Evidence] = []
+        self._starts: list[int] = []
+        self._longest = 0
+
+    def find(self, item: Evidence, *, exclude: set[int]) -> int | None:
+        """The index of a kept occurrence that ``item`` quotes again, or None.
+
+        Indices stay valid until the next :meth:`add`.
+        """
+        index = bisect.bisect_left(self._starts, item.end)
+        while index > 0 and self._starts[index - 1] > item.start - self._longest:
+            index -= 1
+            if index not in exclude and _same_occurrence(self._items[index], item):
+                return index
+        return None
+
+    def add(self, item: Evidence) -> None:
+        index = bisect.bisect_right(self._starts, item.start)
+        self._starts.insert(index, item.start)
+        self._items.insert(index, item)
+        self._longest = max(self._longest, item.end - item.start)
+
+    def in_order(self) -> tuple[Evidence, ...]:
+        return tuple(self._items)
+
+
+def _same_occurrence(a: Evidence, b: Evidence) -> bool:
+    shared = min(a.end, b.end) - max(a.start, b.start)
+    return shared > 0 and 2 * shared >= min(a.end - a.start, b.end - b.start)
 
 
 def _overlaps(a: Evidence, b: Evidence) -> bool:

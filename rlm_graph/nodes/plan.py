@@ -34,6 +34,7 @@ from rlm_graph.source import Source
 from rlm_graph.tokens import TokenCounter
 
 __all__ = [
+    "PLANNED_FIELDS",
     "PLAN_SCHEMA",
     "apply_model_plan",
     "guess_kind",
@@ -62,6 +63,9 @@ PREVIEW_FILES = 20
 """The preview stays under ~1K tokens: the embedded model reads about 80 prompt
 tokens a second, so a plan costs it 10-15 s."""
 PLANNABLE_KINDS: tuple[Kind, ...] = ("text", "list", "count", "table", "yesno")
+
+PLANNED_FIELDS = ("kind", "sub_question", "chunk_tokens", "filter")
+"""What the root model's plan decides (each may be fixed by a flag instead)."""
 
 PLAN_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -110,8 +114,13 @@ def make_plan(
     *,
     count: TokenCounter,
     window: int,
+    local_worker: bool | None = None,
 ) -> Plan:
     """Fix kind, sub-question and span budgets for a run.
+
+    ``local_worker`` says whether the worker is the embedded model (its spans
+    default to :data:`LOCAL_LEAF_TOKENS`); None reads it from the model name
+    in ``config`` (a router config's groups need it said).
 
     Raises:
         ConfigError: the worker's window cannot hold the instructions, the
@@ -121,6 +130,12 @@ def make_plan(
         msg = "The question is empty. Pass --question 'What ...?'."
         raise ConfigError(msg)
     record_schema = config.answer_schema
+    if record_schema is not None and config.kind not in ("auto", "schema"):
+        msg = (
+            f"kind {config.kind!r} and a schema conflict: with a schema the answer is "
+            "a list of records (kind 'schema'). Pass one of them, not both."
+        )
+        raise ConfigError(msg)
     if record_schema is not None:
         kind: Kind = "schema"
     else:
@@ -140,7 +155,9 @@ def make_plan(
             "--max-output-tokens."
         )
         raise ConfigError(msg)
-    default = LOCAL_LEAF_TOKENS if config.leaf_model.startswith("local/") else usable
+    if local_worker is None:
+        local_worker = config.leaf_model.startswith("local/")
+    default = LOCAL_LEAF_TOKENS if local_worker else usable
     leaf_tokens = min(config.chunk_tokens or default, usable)
     overlap = min(config.overlap_tokens, leaf_tokens // 4)
 

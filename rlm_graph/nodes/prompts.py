@@ -138,24 +138,82 @@ def schema_for(kind: Kind, record_schema: dict[str, Any] | None = None) -> dict[
     Args:
         kind: the answer kind.
         record_schema: for the ``schema`` kind, the user's schema of one record;
-            each record gets a ``quote`` field added for its evidence.
+            each record gets an evidence field added (:func:`evidence_field`).
+            The record is nested under ``records``, so its ``$defs`` (and
+            ``definitions``) move to the top and its other local ``$ref``s are
+            re-pointed to where the record now sits.
     """
     if kind != "schema":
         return _SCHEMAS[kind]
-    record = dict(record_schema or {"type": "object"})
-    definitions = record.pop("$defs", None)
-    record.pop("title", None)
-    record["properties"] = {**record.get("properties", {}), "quote": _QUOTE}
-    record["required"] = [*record.get("required", []), "quote"]
+    field = evidence_field(record_schema)
+    given = record_schema or {"type": "object"}
+    record = {k: v for k, v in given.items() if k not in _DROPPED}
+    definitions = {k: record.pop(k) for k in _DEFINITIONS if k in record}
+    record = _rebase_refs(record, _RECORD_POINTER)
+    record["properties"] = {**record.get("properties", {}), field: _QUOTE}
+    record["required"] = [*record.get("required", []), field]
     schema: dict[str, Any] = {
         "type": "object",
         "properties": {"records": {"type": "array", "maxItems": LIST_MAX_ITEMS, "items": record}},
         "required": ["records"],
     }
-    if definitions:
-        # pydantic puts nested models under $defs; "#/$defs/..." refs resolve at the root.
-        schema["$defs"] = definitions
+    # pydantic puts nested models under $defs; "#/$defs/..." refs resolve at the root.
+    schema.update(_rebase_refs(definitions, _RECORD_POINTER))
     return schema
+
+
+_DROPPED = ("$schema", "$id", "title")
+_DEFINITIONS = ("$defs", "definitions")
+_RECORD_POINTER = "/properties/records/items"
+_LITERAL_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
+"""Keywords whose values are data, not schemas (a "$ref" in them refers to nothing)."""
+_NAMED_KEYWORDS = frozenset(
+    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+)
+"""Keywords whose keys are names (of fields, definitions), not keywords."""
+
+
+def _rebase_refs(node: Any, prefix: str, *, named: bool = False) -> Any:
+    """Copy of a schema whose local refs into the record point under ``prefix``;
+    refs into ``$defs``/``definitions`` stay (those move to the top).
+
+    Args:
+        named: ``node`` maps names to schemas (``properties``, ``$defs`` ...).
+    """
+    if isinstance(node, list):
+        return [_rebase_refs(item, prefix) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if named:
+        return {name: _rebase_refs(value, prefix) for name, value in node.items()}
+    rebased: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            pointer = value[1:]
+            top = pointer.split("/")[1] if pointer.startswith("/") else ""
+            rebased[key] = value if top in _DEFINITIONS else f"#{prefix}{pointer}"
+        elif key in _LITERAL_KEYWORDS:
+            rebased[key] = value
+        else:
+            rebased[key] = _rebase_refs(value, prefix, named=key in _NAMED_KEYWORDS)
+    return rebased
+
+
+def evidence_field(record_schema: dict[str, Any] | None) -> str:
+    """The name of the field that carries a record's evidence quote.
+
+    ``quote`` unless the user's record already has a field of that name; then
+    the first of ``source_quote``, ``source_quote_2``, ... that it does not have,
+    so a user's field is never taken for ours nor dropped.
+    """
+    taken = set((record_schema or {}).get("properties") or {})
+    if "quote" not in taken:
+        return "quote"
+    name, number = "source_quote", 1
+    while name in taken:
+        number += 1
+        name = f"source_quote_{number}"
+    return name
 
 
 def leaf_messages(
@@ -168,13 +226,16 @@ def leaf_messages(
     record_schema: dict[str, Any] | None = None,
 ) -> list[dict[str, str]]:
     """Messages of a leaf call: the question, the excerpt, and how to reply."""
+    how = _INSTRUCTIONS[kind]
+    if kind == "schema" and record_schema:
+        field = evidence_field(record_schema)
+        fields = ", ".join(record_schema.get("properties", {}))
+        how = how.replace('"quote"', f'"{field}"')
+        how += f" Fields of a record: {fields}, {field}."
     user = (
         f"Text (part of {file_hint}):\n<<<\n{span_text}\n>>>\n\n"
-        f"Question: {task.question}\n{_INSTRUCTIONS[kind]}"
+        f"Question: {task.question}\n{how}"
     )
-    if kind == "schema" and record_schema:
-        fields = ", ".join(record_schema.get("properties", {}))
-        user += f" Fields of a record: {fields}, quote."
     if feedback:
         user += f"\n\nYour previous reply was rejected: {feedback}"
     return [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": user}]

@@ -68,8 +68,9 @@ class Plan(_Record):
     record_schema: dict[str, Any] | None = None
     """JSON schema of one record, for the ``schema`` kind."""
     made_by: str = "rules"
-    """Who made the plan: ``rules``, ``model`` (the root model) or
-    ``rules (model plan rejected: ...)``; flags override either."""
+    """Who made the plan: ``rules``, ``model`` (the root model),
+    ``rules (model plan rejected: ...)``, or ``flags (no planning call)`` when
+    flags fixed every planned field; flags override either."""
     overridden: tuple[str, ...] = ()
     """Plan fields the user's flags set."""
 
@@ -115,7 +116,8 @@ class Answer(_Record):
     rows: tuple[Row, ...] = ()
     """Table answers: one row per label."""
     flag: bool | None = None
-    """Yes/no answers: True for yes, False for no, None when not stated."""
+    """Yes/no answers: True for yes, False for no, None when no part stated it
+    (the answer's value is then False: no evidence found)."""
     records: tuple[Record, ...] = ()
     """Schema answers."""
     evidence: tuple[Evidence, ...] = ()
@@ -123,7 +125,8 @@ class Answer(_Record):
     @property
     def value(self) -> Any:
         """The answer as the user sees it: text, list, int, ``{label: count}``,
-        bool, or a list of records (dicts)."""
+        bool (False when no evidence of yes was found), or a list of records
+        (dicts)."""
         if self.kind == "count":
             return self.count if self.count is not None else 0
         if self.kind == "list":
@@ -131,7 +134,7 @@ class Answer(_Record):
         if self.kind == "table":
             return {row.label: row.count for row in self.rows}
         if self.kind == "yesno":
-            return self.flag
+            return bool(self.flag)
         if self.kind == "schema":
             return [record.data for record in self.records]
         return self.text if self.found else None

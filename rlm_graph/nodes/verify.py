@@ -10,18 +10,22 @@ reason the model can act on when it is asked again.
 
 from __future__ import annotations
 
+import bisect
 import json
+import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import regex
 
 from rlm_graph.models import Completion
+from rlm_graph.nodes.prompts import LIST_MAX_ITEMS, evidence_field
 from rlm_graph.nodes.types import Answer, Evidence, Item, Kind, Record, Row, Task
 from rlm_graph.source import FILE_HEADER_MARK
 
-__all__ = ["Verdict", "locate_quote", "verify_leaf"]
+__all__ = ["Claims", "Verdict", "locate_quote", "verify_leaf"]
 
 MIN_QUOTE_CHARS = 8
 # Straight, curly and typewriter-style quote marks are interchangeable in a quote.
@@ -51,7 +55,9 @@ class Verdict:
 
     ok: bool
     code: str
-    """ok, truncated, empty, refused, malformed, no-evidence."""
+    """ok, truncated, empty, refused, malformed (not the kind's shape),
+    restated, no-evidence (a quote is not in the span), unbacked (a count its
+    quotes do not add up to), too-many (more occurrences than one reply may quote)."""
     answer: Answer | None = None
     feedback: str | None = None
     """Why the reply was rejected, worded for the model."""
@@ -89,33 +95,89 @@ def verify_leaf(
         if kind == "schema":
             return _check_schema(text, task, data, record_schema or {"type": "object"})
         return _CHECKS[kind](text, task, data)
+    except _Malformed as exc:
+        return Verdict(False, "malformed", feedback=str(exc))
     except (TypeError, ValueError, KeyError, AttributeError):
         return Verdict(False, "malformed", feedback="Your JSON did not follow the schema.")
 
 
-def locate_quote(text: str, start: int, end: int, quote: str) -> Evidence | None:
+def locate_quote(
+    text: str, start: int, end: int, quote: str, claims: Claims | None = None
+) -> Evidence | None:
     """Find ``quote`` inside ``text[start:end]`` and return it with exact offsets.
 
-    Exact match first; then a match tolerant of whitespace runs, letter case and
-    quote-mark style. Leading and trailing quote marks and ellipses are ignored.
-    Quotes shorter than :data:`MIN_QUOTE_CHARS` characters are not evidence.
+    Exact matches first; then matches tolerant of whitespace runs, letter case
+    and quote-mark style. Leading and trailing quote marks and ellipses are
+    ignored. Quotes shorter than :data:`MIN_QUOTE_CHARS` characters are not
+    evidence.
+
+    Args:
+        claims: the places earlier quotes of the same reply took. The quote is
+            placed at the first occurrence that overlaps none of them, and
+            claims it: two equal quotes map to two distinct occurrences, and a
+            quote with no free occurrence left is not found.
     """
     cleaned = quote.strip().strip(_QUOTE_MARKS).strip().removesuffix("...").removeprefix("...")
     cleaned = cleaned.strip()
-    if len(cleaned) < MIN_QUOTE_CHARS:
+    if len(cleaned) < MIN_QUOTE_CHARS or FILE_HEADER_MARK in cleaned:
+        # Short quotes are too common to place; file headers are ours, not the source's.
         return None
 
-    if FILE_HEADER_MARK in cleaned:
-        return None  # the joined text's file headers are ours, not the source's
-    found = text.find(cleaned, start, end)
-    if found >= 0:
-        return Evidence(quote=cleaned, start=found, end=found + len(cleaned))
+    # Occurrences before where this quote was last placed are all taken (claims
+    # are never released): resume there, so n equal quotes cost n searches, not n².
+    resume = claims.resume.get(cleaned, start) if claims is not None else start
+    places = _occurrences(text, start, end, cleaned, exact_from=resume)
+    for found_start, found_end in places:
+        if claims is not None and claims.overlaps(found_start, found_end):
+            continue
+        if FILE_HEADER_MARK in text[found_start:found_end]:
+            continue
+        if claims is not None:
+            claims.add(found_start, found_end)
+            if text.startswith(cleaned, found_start):
+                claims.resume[cleaned] = found_end
+        quoted = text[found_start:found_end]
+        return Evidence(quote=quoted, start=found_start, end=found_end)
+    return None
 
-    pattern = _tolerant_pattern(cleaned)
-    match = pattern.search(text, start, end)
-    if match is None or FILE_HEADER_MARK in match.group(0):
-        return None
-    return Evidence(quote=match.group(0), start=match.start(), end=match.end())
+
+class Claims:
+    """Disjoint places in the source that one reply's quotes already took."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self.resume: dict[str, int] = {}
+        """Per quote text: where its exact occurrences may still be free."""
+
+    def overlaps(self, start: int, end: int) -> bool:
+        """Whether ``[start, end)`` shares a character with a claimed place."""
+        index = bisect.bisect_right(self._starts, start)
+        before = index > 0 and self._ends[index - 1] > start
+        after = index < len(self._starts) and self._starts[index] < end
+        return before or after
+
+    def add(self, start: int, end: int) -> None:
+        """Claim ``[start, end)`` (it must overlap no claimed place)."""
+        index = bisect.bisect_right(self._starts, start)
+        self._starts.insert(index, start)
+        self._ends.insert(index, end)
+
+
+def _occurrences(
+    text: str, start: int, end: int, cleaned: str, *, exact_from: int
+) -> Iterator[tuple[int, int]]:
+    """Where a quote occurs in a span: exact matches (from ``exact_from``) in
+    order, then the matches only the tolerant pattern finds."""
+    exact: set[int] = set()
+    at = text.find(cleaned, exact_from, end)
+    while at >= 0:
+        exact.add(at)
+        yield at, at + len(cleaned)
+        at = text.find(cleaned, at + len(cleaned), end)
+    for match in _tolerant_pattern(cleaned).finditer(text, start, end):
+        if match.start() not in exact:
+            yield match.start(), match.end()
 
 
 def locate_answer(text: str, start: int, end: int, answer: str, question: str) -> Evidence | None:
@@ -198,11 +260,17 @@ def _tolerant_pattern(quote: str) -> regex.Pattern[str]:
     return regex.compile(r"\s+".join(parts), regex.IGNORECASE | regex.V1)
 
 
+class _Malformed(ValueError):
+    """A reply that does not have its kind's shape; the message is the feedback."""
+
+
 def _check_text(text: str, task: Task, data: dict[str, Any]) -> Verdict:
-    relevant = bool(data.get("relevant", True))
-    answer = str(data.get("answer") or "").strip()
+    if data.get("relevant") is False:
+        return Verdict(True, "ok", Answer(kind="text", found=False))
+    said = _required(data, "answer", object, '{"answer": "...", "quote": "..."}')
+    answer = str(said if said is not None else "").strip()
     quote = str(data.get("quote") or "")
-    if not relevant or not answer or _NOT_STATED.match(answer):
+    if not answer or _NOT_STATED.match(answer):
         return Verdict(True, "ok", Answer(kind="text", found=False))
     if _restates(answer, task.question):
         # "The rabbit called Alice when he mistook her." restates the question.
@@ -231,14 +299,17 @@ def _check_text(text: str, task: Task, data: dict[str, Any]) -> Verdict:
 
 
 def _check_list(text: str, task: Task, data: dict[str, Any]) -> Verdict:
+    shape = '{"items": [{"item": "...", "quote": "..."}]}'
+    entries = _required(data, "items", list, shape)
     items: list[Item] = []
     missing = 0
-    for entry in data.get("items") or []:
+    claims = Claims()
+    for entry in entries:
         name = str(entry.get("item") or "").strip() if isinstance(entry, dict) else str(entry)
         if not name:
             continue
         quote = str(entry.get("quote") or "") if isinstance(entry, dict) else ""
-        evidence = locate_quote(text, task.start, task.end, quote or name)
+        evidence = locate_quote(text, task.start, task.end, quote or name, claims)
         if evidence is None:
             missing += 1
             continue
@@ -254,38 +325,44 @@ def _check_list(text: str, task: Task, data: dict[str, Any]) -> Verdict:
 
 
 def _check_count(text: str, task: Task, data: dict[str, Any]) -> Verdict:
-    count = int(data.get("count") or 0)
-    if count < 0:
-        return Verdict(False, "malformed", feedback="A count cannot be negative.")
-    quotes = [str(q) for q in data.get("quotes") or []]
-    located = [locate_quote(text, task.start, task.end, q) for q in quotes]
-    evidence = tuple(e for e in located if e is not None)
-    if count and quotes and not evidence:
-        return Verdict(
-            False, "no-evidence",
-            feedback="Quote each counted occurrence exactly as written in the excerpt.",
-        )
+    shape = '{"count": N, "quotes": ["...", ...]}'
+    count = _whole_number(_required(data, "count", object, shape), "count")
+    quotes = _quotes(data.get("quotes"), "quotes")
+    evidence, problem = _backing(text, task, count, quotes)
+    if problem is not None:
+        return problem
     return Verdict(True, "ok", Answer(kind="count", found=count > 0, count=count, evidence=evidence))
 
 
 def _check_table(text: str, task: Task, data: dict[str, Any]) -> Verdict:
+    shape = '{"rows": [{"label": "...", "count": N, "quotes": ["...", ...]}]}'
     rows: dict[str, Row] = {}
-    for entry in data.get("rows") or []:
+    claims: dict[str, Claims] = {}
+    for index, entry in enumerate(_required(data, "rows", list, shape)):
+        if not isinstance(entry, dict):
+            msg = f"rows[{index}] is not an object. Reply as {shape}."
+            raise _Malformed(msg)
         label = " ".join(str(entry.get("label") or "").split())
-        count = int(entry.get("count") or 0)
-        if count < 0:
-            return Verdict(False, "malformed", feedback=f"The count of {label!r} is negative.")
-        if not label or count == 0:
+        said = _required(entry, "count", object, shape)
+        count = _whole_number(said, f"rows[{index}].count")
+        quotes = _quotes(entry.get("quotes"), f"rows[{index}].quotes")
+        if not label:
+            if count or quotes:
+                msg = f"rows[{index}] has no label. Reply as {shape}."
+                raise _Malformed(msg)
             continue
-        quotes = [str(q) for q in entry.get("quotes") or []]
-        located = tuple(e for q in quotes if (e := locate_quote(text, task.start, task.end, q)))
-        if quotes and not located:
-            return Verdict(
-                False, "no-evidence",
-                feedback=f"Quote each counted {label!r} exactly as written in the excerpt.",
-            )
         key = label.casefold()
-        if key in rows:  # the same label twice in one reply: add them up
+        # The same label twice in one reply adds up, and its quotes must be
+        # distinct occurrences across both rows.
+        located, problem = _backing(
+            text, task, count, quotes,
+            what=f"{label!r}", claims=claims.setdefault(key, Claims()),
+        )
+        if problem is not None:
+            return problem
+        if count == 0:
+            continue
+        if key in rows:
             old = rows[key]
             rows[key] = Row(label=old.label, count=old.count + count, evidence=old.evidence + located)
         else:
@@ -301,7 +378,8 @@ _NO = frozenset({"no", "false", "n"})
 
 
 def _check_yesno(text: str, task: Task, data: dict[str, Any]) -> Verdict:
-    said = str(data.get("answer") or "").strip().casefold().strip(".!")
+    said = _required(data, "answer", object, '{"answer": "yes", "quote": "..."}')
+    said = str(said if said is not None else "").strip().casefold().strip(".!")
     if said not in _YES | _NO:
         if not said or _NOT_STATED.match(said):
             return Verdict(True, "ok", Answer(kind="yesno", found=False))
@@ -323,12 +401,16 @@ def _check_schema(text: str, task: Task, data: dict[str, Any], record_schema: di
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(record_schema)
+    field = evidence_field(record_schema)
     records: list[Record] = []
     missing = 0
-    for index, entry in enumerate(data.get("records") or []):
+    claims = Claims()
+    shape = f'{{"records": [{{..., "{field}": "..."}}]}}'
+    entries = _required(data, "records", list, shape)
+    for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             return Verdict(False, "malformed", feedback=f"records[{index}] is not an object.")
-        fields = {k: v for k, v in entry.items() if k != "quote"}
+        fields = {k: v for k, v in entry.items() if k != field}
         error = jsonschema.exceptions.best_match(validator.iter_errors(fields))
         if error is not None:
             where = ".".join(str(p) for p in error.absolute_path) or "(record)"
@@ -336,7 +418,8 @@ def _check_schema(text: str, task: Task, data: dict[str, Any], record_schema: di
                 False, "malformed",
                 feedback=f"records[{index}].{where}: {error.message}. Follow the schema.",
             )
-        evidence = locate_quote(text, task.start, task.end, str(entry.get("quote") or ""))
+        quote = str(entry.get(field) or "")
+        evidence = locate_quote(text, task.start, task.end, quote, claims)
         if evidence is None:
             missing += 1
             continue
@@ -344,10 +427,98 @@ def _check_schema(text: str, task: Task, data: dict[str, Any], record_schema: di
 
     if missing and not records:
         return Verdict(
-            False, "no-evidence", feedback="Each record needs a quote copied exactly from the excerpt."
+            False, "no-evidence",
+            feedback=(
+                f'Each record needs "{field}": words copied exactly from the excerpt.'
+            ),
         )
     evidence = tuple(r.evidence for r in records if r.evidence)
     return Verdict(True, "ok", Answer(kind="schema", found=bool(records), records=tuple(records), evidence=evidence))
+
+
+def _required(data: dict[str, Any], key: str, kind: type, shape: str) -> Any:
+    """``data[key]``, which must be there (and of ``kind``): a reply without its
+    kind's key is malformed, never an empty answer."""
+    if key not in data:
+        msg = f'Your reply has no "{key}". Reply as {shape}.'
+        raise _Malformed(msg)
+    value = data[key]
+    if kind is not object and not isinstance(value, kind):
+        msg = f'"{key}" must be a {kind.__name__}. Reply as {shape}.'
+        raise _Malformed(msg)
+    return value
+
+
+def _whole_number(value: Any, where: str) -> int:
+    """A count: a whole number of at least 0 (``3.0`` is 3; ``2.5``, ``-1``,
+    ``"3"`` and ``true`` are malformed)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        msg = f"{where} must be a whole number, not {json.dumps(value)[:40]}."
+        raise _Malformed(msg)
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        msg = f"{where} must be a whole number, not {value}."
+        raise _Malformed(msg)
+    if value < 0:
+        msg = f"{where} cannot be negative ({value})."
+        raise _Malformed(msg)
+    return int(value)
+
+
+def _quotes(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        msg = f"{where} must be a list of quotes."
+        raise _Malformed(msg)
+    return [str(q) for q in value]
+
+
+def _backing(
+    text: str,
+    task: Task,
+    count: int,
+    quotes: list[str],
+    *,
+    what: str | None = None,
+    claims: Claims | None = None,
+) -> tuple[tuple[Evidence, ...], Verdict | None]:
+    """Tie a count to its quotes: each must be found, at its own occurrence, and
+    their number must equal the count.
+
+    The verified count is the number of distinct occurrences the quotes were
+    placed at; the model's number is the cross-check. Returns the evidence, or
+    the rejection to send back.
+    """
+    claims = claims if claims is not None else Claims()
+    located: list[Evidence] = []
+    missing: list[str] = []
+    for quote in quotes:
+        evidence = locate_quote(text, task.start, task.end, quote, claims)
+        if evidence is None:
+            missing.append(quote)
+        else:
+            located.append(evidence)
+    if missing:
+        shown = " ".join(missing[0].split())[:80]
+        label = f" for {what}" if what else ""
+        feedback = (
+            f"{len(missing)} of your quotes{label} do not occur in the excerpt "
+            f"(first: {shown!r}). Copy each counted one exactly as written, at least "
+            f"{MIN_QUOTE_CHARS} characters, one quote per occurrence."
+        )
+        return (), Verdict(False, "no-evidence", feedback=feedback)
+    if count != len(located):
+        code = "unbacked"
+        if count > len(located) and len(quotes) >= LIST_MAX_ITEMS:
+            code = "too-many"  # more than a reply may quote: smaller spans will do
+        label = f" for {what}" if what else ""
+        feedback = (
+            f"You counted {count}{label} but quoted {len(located)}. Give exactly "
+            "one quote copied from the excerpt for each counted occurrence, and count "
+            "only what you quote."
+        )
+        return (), Verdict(False, code, feedback=feedback)
+    return tuple(located), None
 
 
 _CHECKS = {

@@ -306,6 +306,10 @@ class _Handler(BaseHTTPRequestHandler):
     """One connection; HTTP/1.1 so LiteLLM's pooled clients keep it alive."""
 
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle's algorithm on, the body
+    # waits for the client's delayed ACK (about 40 ms on Linux) on every reply.
+    # Real model servers (uvicorn, aiohttp, llama.cpp) set TCP_NODELAY too.
+    disable_nagle_algorithm = True
     server: _Server
 
     def do_GET(self) -> None:
