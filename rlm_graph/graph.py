@@ -115,7 +115,10 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
     async def split(state: RunState) -> dict[str, Any]:
         _follow_plan(state)
         root = Task.model_validate(state["task"])
-        children = engine.split(root, finer=state.get("finer", False))
+        # The root's split cuts the whole source into leaf spans (seconds on
+        # tens of MB): in a thread, so the event loop serves others meanwhile.
+        # Nothing else of this run touches the engine during this stage.
+        children = await asyncio.to_thread(engine.split, root, finer=state.get("finer", False))
         if state.get("rejected"):
             children = [c.model_copy(update={"rejected_splits": 1}) for c in children]
         return {"children": [c.model_dump(mode="json") for c in children]}
