@@ -362,10 +362,16 @@ async def _open_sqlite(path: Path) -> AsyncIterator[Store]:
             await kv_conn.execute("PRAGMA busy_timeout = 60000")
             saver = _ShieldedSqliteSaver(saver_conn)
             kv = _ImmediateSqliteStore(kv_conn)
-            await saver.setup()
-            await kv.setup()
             store = Store(str(path), saver, kv, _FileLocker(path))
-            await _check_format(store)
+            # Several runs may open a new store at once (an agent asking two
+            # questions in one turn): its tables are made by one at a time.
+            setup_lock = await asyncio.to_thread(_lock_setup, path)
+            try:
+                await saver.setup()
+                await kv.setup()
+                await _check_format(store)
+            finally:
+                await asyncio.to_thread(setup_lock.close)
             try:
                 yield store
             finally:
@@ -446,6 +452,21 @@ class _ImmediateSqliteStore(AsyncSqliteStore):
                     await self.conn.execute("COMMIT")
 
 
+_SETUP_LOCK_KEY = int.from_bytes(hashlib.sha256(b"rlm-graph store setup").digest()[:8], "big", signed=True)
+"""PostgreSQL advisory lock held while a store's tables are made."""
+
+
+def _lock_setup(path: Path) -> IO[str]:
+    """Block until this process alone sets up the SQLite store at ``path``."""
+    import fcntl
+
+    folder = path.with_name(path.name + ".locks")
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = (folder / "setup.lock").open("a+")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
 def _prepare_sqlite_file(path: Path) -> None:
     """Check an existing file (:func:`_check_sqlite_file`) and make its folder."""
     _check_sqlite_file(path)
@@ -508,10 +529,22 @@ async def _open_postgres(url: str) -> AsyncIterator[Store]:
             AsyncPostgresSaver.from_conn_string(url) as saver,
             AsyncPostgresStore.from_conn_string(url) as kv,
         ):
-            await saver.setup()
-            await kv.setup()
             store = Store(shown, saver, kv, _PostgresLocker(lock_conn))
-            await _check_format(store)
+            # One opener at a time makes the tables (see _open_sqlite).
+            # Polled, not waited on: a waiting statement is an open transaction,
+            # and the setup's CREATE INDEX CONCURRENTLY waits for those to end.
+            while True:
+                cursor = await lock_conn.execute("SELECT pg_try_advisory_lock(%s)", (_SETUP_LOCK_KEY,))
+                row = await cursor.fetchone()
+                if row and row[0]:
+                    break
+                await asyncio.sleep(0.1)
+            try:
+                await saver.setup()
+                await kv.setup()
+                await _check_format(store)
+            finally:
+                await lock_conn.execute("SELECT pg_advisory_unlock(%s)", (_SETUP_LOCK_KEY,))
             yield store
     except psycopg.Error as exc:
         msg = f"The PostgreSQL store {shown} failed: {redact(str(exc).strip())}"
@@ -640,6 +673,10 @@ class _FileLocker(_Locker):
             return False
 
 
+PG_BUSY_GRACE_S = 5.0
+"""How long a PostgreSQL run lock is tried before the run is called busy."""
+
+
 class _PostgresLocker(_Locker):
     """Session advisory locks on a connection of their own."""
 
@@ -654,10 +691,17 @@ class _PostgresLocker(_Locker):
     @contextlib.asynccontextmanager
     async def _hold(self, run_id: str) -> AsyncIterator[None]:
         key = self._key(run_id)
-        cursor = await self._conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
-        row = await cursor.fetchone()
-        if not row or not row[0]:
-            raise _busy(run_id)
+        # A holder killed a moment ago keeps its lock until its server process
+        # sees the connection gone: try for a few seconds before saying busy.
+        deadline = time.monotonic() + PG_BUSY_GRACE_S
+        while True:
+            cursor = await self._conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+            row = await cursor.fetchone()
+            if row and row[0]:
+                break
+            if time.monotonic() >= deadline:
+                raise _busy(run_id)
+            await asyncio.sleep(0.2)
         try:
             yield
         finally:

@@ -418,3 +418,23 @@ def test_read_only_commands_do_not_create_a_store(tmp_path: Path) -> None:
     assert shown.returncode == 2
     assert "There is no rlm-graph store at" in shown.stderr
     assert not missing.exists()
+
+
+async def test_runs_opening_a_new_store_at_once_all_succeed(store_url: str, tmp_path: Path) -> None:
+    """Three runs that start together on a store nobody has made yet (an agent
+    asking two questions in one turn) each finish; the store opens afterwards."""
+    import asyncio
+
+    texts = [numbered_paragraphs(6 + i, words=12) for i in range(3)]
+    with FakeOpenAIServer(item_reply()) as server:
+        settings = {
+            "model": "openai/fake-model", "api_base": server.api_base, "context_window": 4096,
+            "kind": "list", "chunk_tokens": 64, "overlap_tokens": 0, "planner": "rules",
+        }
+        results = await asyncio.gather(
+            *(api.arun(QUESTION, text=text, store=store_url, **settings) for text in texts)
+        )
+    assert [r.status for r in results] == ["done"] * 3
+    assert [len(r.answer) for r in results] == [6, 7, 8]
+    async with open_store(store_url, create=False) as store:
+        assert len(await store.list_runs()) == 3
