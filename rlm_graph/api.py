@@ -101,11 +101,12 @@ async def arun(
     """
     record_model = _record_model(settings)
     engine = prepare(question, paths, text=text, config=config, on_event=on_event, **settings)
+    engine.record_model = record_model
     async with open_store(store) as opened:
         result = await execute(engine, store=opened, run_id=run_id)
     if record_model is not None and result.kind == "schema" and result.answer:
-        # Records passed the schema's JSON check in verify; this gives them
-        # back as the caller's own type.
+        # Verify checked each record with the caller's class (a record it
+        # rejected was asked again); this gives them back as that type.
         result.answer = [record_model.model_validate(record) for record in result.answer]
     return result
 
@@ -289,8 +290,9 @@ def build_result(run_id: str, engine: Engine, outcome: Outcome, *, elapsed_s: fl
     source = engine.source
     answer = outcome.answer
     failures = [_failure(source, o) for o in _failed_leaves(outcome)]
-    if outcome.status == "failed":
-        status = "failed"
+    if outcome.status == "failed" or (failures and not _answered_any(outcome)):
+        # No span was answered: there is no answer, not an empty one.
+        status, answer = "failed", None
     elif any(failure.status == "stopped" for failure in failures):
         status = "stopped"
     elif failures:
@@ -567,6 +569,13 @@ def _citation(source: Source, start: int, end: int) -> Citation:
         line=location.line,
         quote=source.text[start:end],
     )
+
+
+def _answered_any(outcome: Outcome) -> bool:
+    """Whether some leaf was read and answered (skipped leaves were not read)."""
+    if not outcome.children:
+        return outcome.status == "done" and outcome.verdict != "skipped"
+    return any(_answered_any(child) for child in outcome.children)
 
 
 def _failed_leaves(outcome: Outcome) -> list[Outcome]:

@@ -310,7 +310,7 @@ def _finish(result: Any, as_json: bool) -> None:
               type=click.Choice(["needle", "count", "compare", "pairs", "multidoc"]),
               help="Task family (repeatable; default: needle).")
 @click.option("--sizes", default="8k,32k", show_default=True,
-              help="Comma-separated source sizes in tokens (k and m suffixes).")
+              help="Comma-separated source sizes in tokens (k and m suffixes), 1k to 10m.")
 @click.option("--method", "methods", multiple=True, type=click.Choice(["direct", "mapreduce", "rlm"]),
               help="Method (repeatable; default: all three).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generators.")
@@ -356,6 +356,16 @@ def eval_command(
             )
             raise ConfigError(msg)
         parsed_sizes, parsed_depths = _parse_sizes(sizes), _parse_depths(depths)
+        for flag, number in (
+            ("--straddle-tokens", straddle_tokens), ("--chunk-tokens", chunk_tokens),
+            ("--concurrency", concurrency), ("--context-window", context_window),
+        ):
+            if number is not None and number < 1:
+                msg = f"{flag} must be a whole number of at least 1, not {number}."
+                raise ConfigError(msg)
+        for flag, path in (("--chart", chart), ("--json", json_path)):
+            if path:
+                _check_writable(flag, path)
         _configure_logging(verbose, debug)
         from pathlib import Path
 
@@ -369,7 +379,7 @@ def eval_command(
         settings: dict[str, Any] = {
             key: value for key, value in
             {"chunk_tokens": chunk_tokens, "concurrency": concurrency, "filter": filter_,
-             "planner": planner}.items() if value
+             "planner": planner}.items() if value is not None
         }
         double = None
         if reading_double:
@@ -413,10 +423,35 @@ def eval_command(
 MIN_EVAL_TOKENS = 1_000
 """Smallest evaluation source: below it a generator cannot place its records,
 needle and decoys."""
+MAX_EVAL_TOKENS = 10_000_000
+"""Largest evaluation source (about 40 MB of text, generated in memory)."""
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """Refuse an output path that cannot be written, before any work."""
+    import os
+    from pathlib import Path
+
+    from rlm_graph.errors import ConfigError
+
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    problem = None
+    if target.is_dir():
+        problem = "is a folder"
+    elif not folder.is_dir():
+        problem = f"its folder {str(folder)!r} does not exist"
+    elif target.exists() and not os.access(target, os.W_OK):
+        problem = "is not writable"
+    elif not target.exists() and not os.access(folder, os.W_OK | os.X_OK):
+        problem = f"its folder {str(folder)!r} is not writable"
+    if problem:
+        msg = f"{flag} {path}: {problem}; give a file path that can be written."
+        raise ConfigError(msg)
 
 
 def _parse_sizes(text: str) -> list[int]:
-    """Sizes like ``8k,32k,1.5m``: whole token counts of at least 1k."""
+    """Sizes like ``8k,32k,1.5m``: whole token counts from 1k to 10m."""
     import re
 
     from rlm_graph.errors import ConfigError
@@ -440,6 +475,9 @@ def _parse_sizes(text: str) -> list[int]:
                 f"--sizes: {part!r} is too small or not whole; each size must be "
                 "at least 1k tokens."
             )
+            raise ConfigError(msg)
+        if tokens > MAX_EVAL_TOKENS:
+            msg = f"--sizes: {part!r} is too large; each size must be at most 10m tokens."
             raise ConfigError(msg)
         sizes.append(int(tokens))
     if not sizes:
@@ -821,7 +859,9 @@ def _print_estimate(engine: Any, as_json: bool) -> None:
 
 
 def _print_human(result: Any) -> None:
-    if result.kind == "list":
+    if result.status == "failed":
+        answer = "no answer: every part failed (see failures)"
+    elif result.kind == "list":
         answer = "\n".join(f"- {item}" for item in result.answer or []) or "(nothing found)"
     elif result.kind == "table":
         answer = "\n".join(f"{label}: {n}" for label, n in (result.answer or {}).items()) or "(nothing found)"

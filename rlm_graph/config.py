@@ -10,10 +10,10 @@ business and are read by LiteLLM itself.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
+import regex
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -152,8 +152,8 @@ class RunConfig(BaseSettings):
     def _valid_regex(cls, value: str | None) -> str | None:
         if value:
             try:
-                re.compile(value)
-            except re.error as exc:
+                regex.compile(value)
+            except regex.error as exc:
                 msg = f"--filter {value!r} is not a valid regular expression: {exc}"
                 raise ValueError(msg) from exc
         return value or None
