@@ -347,12 +347,18 @@ def _configure(config: RunConfig | None, settings: dict[str, Any]) -> RunConfig:
     return config
 
 
+_SETTING_NAMES = {"answer_schema": "schema"}
+"""Settings named as the user passes them (``schema=``, ``--schema``)."""
+
+
 def _first_error(exc: ValueError) -> str:
     errors = getattr(exc, "errors", None)
     if callable(errors):
         first = errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return f"Invalid setting '{where}': {first.get('msg')}."
+        where = _SETTING_NAMES.get(where, where)
+        message = str(first.get("msg", "")).removeprefix("Value error, ").rstrip(".")
+        return f"Invalid setting '{where}': {message}."
     return str(exc)
 
 

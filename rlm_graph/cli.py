@@ -61,7 +61,7 @@ def main() -> None:
 @click.option("--fan-in", type=int, help="Most answers one free-text merge call reads (default 8).")
 @click.option("--kind", type=click.Choice(["auto", "text", "list", "count", "table", "yesno", "schema"]),
               help="Answer kind (default: the plan decides).")
-@click.option("--schema", "schema_file", type=click.Path(exists=True, dir_okay=False),
+@click.option("--schema", "schema_file", metavar="FILE",
               help="JSON Schema file of one record: the answer is a list of such records.")
 @click.option("--sub-question", help="What each piece is asked (default: the plan decides).")
 @click.option("--planner", type=click.Choice(["model", "rules"]),
@@ -326,8 +326,8 @@ def _finish(result: Any, as_json: bool) -> None:
 @click.option("--concurrency", type=int, help="Most model calls in flight at once.")
 @click.option("--filter", "filter_", help="Pre-filter regex for rlm-graph and the map-reduce (not the direct call).")
 @click.option("--planner", type=click.Choice(["model", "rules"]), help="Who plans rlm-graph's runs (default: model).")
-@click.option("--chart", type=click.Path(dir_okay=False), help="Write a PNG chart here.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every row as JSON here.")
+@click.option("--chart", metavar="FILE", help="Write a PNG chart here.")
+@click.option("--json", "json_path", metavar="FILE", help="Write every row as JSON here.")
 @click.option("-v", "--verbose", count=True, help="-v: one line per method run.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def eval_command(

@@ -265,3 +265,52 @@ async def test_record_the_users_class_always_rejects_fails_the_part(scripted):
     assert result.failures and all("unknown user" in f.reason for f in result.failures)
     failed = [LOGINS[f.start : f.end] for f in result.failures]
     assert sum(len(LOGIN.findall(span)) for span in failed) >= 6
+
+
+# -- eval flags are checked before anything runs -------------------------------------
+
+
+def eval_cli(*args: str):
+    return CliRunner().invoke(main, ["eval", "--reading-double", *args])
+
+
+@pytest.mark.parametrize("sizes", ["10000m", "8k,10.5m", "20000000"])
+def test_eval_refuses_sizes_above_the_ceiling(sizes):
+    out = eval_cli("--sizes", sizes)
+
+    assert out.exit_code == 2, out.output
+    assert "at most 10m" in out.stderr and "Traceback" not in out.output
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--straddle-tokens", "-5"], "--straddle-tokens"),
+        (["--concurrency", "0"], "--concurrency"),
+        (["--chunk-tokens", "0"], "--chunk-tokens"),
+        (["--chart", "{missing}/chart.png"], "--chart"),
+        (["--json", "{folder}"], "--json"),
+    ],
+)
+def test_eval_refuses_bad_numbers_and_unwritable_outputs_before_running(flags, words, tmp_path):
+    flags = [f.format(missing=tmp_path / "nowhere", folder=tmp_path) for f in flags]
+
+    out = eval_cli("--sizes", "4k", *flags)
+
+    assert out.exit_code == 2, out.output
+    assert words in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "|" not in out.stdout, "no evaluation ran"
+
+
+def test_missing_or_bad_schema_file_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "array"}')
+    base = ["run", "-", "-q", "Which logins?", "--model", "scripted/m", "--store", "memory"]
+
+    missing = CliRunner().invoke(main, [*base, "--schema", str(tmp_path / "none.json")], input=LOGINS)
+    wrong = CliRunner().invoke(main, [*base, "--schema", str(bad)], input=LOGINS)
+
+    assert missing.exit_code == 2 and missing.stderr.startswith("error: --schema")
+    assert len(missing.stderr.strip().splitlines()) == 1
+    assert wrong.exit_code == 2 and "'schema'" in wrong.stderr and "answer_schema" not in wrong.stderr
+    assert not wrong.stderr.rstrip().endswith("}..") and wrong.stderr.rstrip().endswith(".")
