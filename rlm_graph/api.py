@@ -313,7 +313,10 @@ def build_result(run_id: str, engine: Engine, outcome: Outcome, *, elapsed_s: fl
         tree=_tree(source, outcome),
         plan=engine.plan.model_dump(mode="json"),
         elapsed_s=round(elapsed_s, 3),
-        models=dict(engine.client.models),
+        models={
+            role: name for role, name in engine.client.models.items()
+            if role != "judge" or engine.config.judge_model
+        },
         stop_reason=engine.client.budget.reason if status == "stopped" else None,
     )
 

@@ -66,7 +66,7 @@ def main() -> None:
 @click.option("--sub-question", help="What each piece is asked (default: the plan decides).")
 @click.option("--planner", type=click.Choice(["model", "rules"]),
               help="Who plans: the root model from a preview (default), or rules only.")
-@click.option("--judge-model", help="Judge model: checks each leaf answer against its span.")
+@click.option("--judge-model", help="Judge model: checks each leaf answer that found something against its span (not 'found nothing' answers). Default: no judge.")
 @click.option("--filter", help="Regex: skip parts of the source with no match, unread.")
 @click.option("--context-window", type=int, help="Worker window in tokens, for unknown models.")
 @click.option("--max-output-tokens", type=int, help="Output tokens reserved per call.")
@@ -900,6 +900,8 @@ def _print_human(result: Any) -> None:
             f"free) with: rlm-graph resume {result.run_id} and a larger budget",
             err=True,
         )
+    elif result.status == "failed":
+        click.echo(f"note: no part was answered; {len(result.failures)} part(s) failed.", err=True)
     elif result.status != "done":
         click.echo(f"note: this answer is {result.status}; {len(result.failures)} part(s) failed.", err=True)
     usage = result.usage

@@ -130,4 +130,4 @@ class Result(_Record):
     stop_reason: str | None = None
     """Which budget stopped the run, when ``status`` is stopped."""
     models: dict[str, str] = Field(default_factory=dict)
-    """Role to model name, as used."""
+    """Role to model name, as used (``judge`` only when a judge model ran)."""

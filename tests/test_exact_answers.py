@@ -121,6 +121,7 @@ async def test_records_and_items_do_not_change_with_chunk_size(scripted, kind):
 
     assert len(one_leaf.tree.children) == 0 < len(split.tree.children)
     assert len(one_leaf.answer) == len(split.answer) == planted == 6
+    assert "judge" not in split.models, "no judge ran"
     assert [c.line for c in split.citations] == [c.line for c in one_leaf.citations]
 
 
@@ -217,6 +218,10 @@ def test_cli_says_no_answer_when_every_part_failed(scripted, tmp_path):
     first = out.stdout.splitlines()[0]
     assert first == "no answer: every part failed (see failures)"
     assert out.exit_code != 0
+    # Each failed part is reported once on stderr.
+    warned = [line for line in out.stderr.splitlines() if "failed" in line or "warning: part" in line]
+    parts = [line for line in warned if line.startswith("warning: part")]
+    assert parts and len(warned) == len(parts) + 1, out.stderr  # + the one "note:" line
 
 
 # -- the user's class checks each record ---------------------------------------------

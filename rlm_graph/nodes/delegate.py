@@ -23,8 +23,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from rlm_graph.config import RunConfig
-from rlm_graph.filtering import FILTER_SECONDS, compile_filter, filter_matches
 from rlm_graph.errors import BudgetExceeded, ContextWindowError, ModelCallError
+from rlm_graph.filtering import FILTER_SECONDS, compile_filter, filter_matches
 from rlm_graph.models import Completion, ModelClient, Role
 from rlm_graph.nodes.merge import (
     dedupe_text,
@@ -556,7 +556,9 @@ class Engine:
                     "verdict": f"split-after-{decision.verdict}", "attempts": attempts,
                     "judge": decision.judge,
                 })
-        logger.warning("task %s failed: %s", task.id, decision.reason)
+        # Info, not a warning: the result lists every failure, and the CLI
+        # prints each once ("warning: part ...").
+        logger.info("task %s failed: %s", task.id, decision.reason)
         return Outcome(
             task=task, status="failed", verdict=decision.verdict,
             reason=decision.reason, attempts=attempts, judge=decision.judge,

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from rlm_graph.nodes.types import Answer, Evidence, Item, Outcome, Record, Row
+from rlm_graph.nodes.types import Answer, Evidence, Outcome, Row
 
 _T = TypeVar("_T")
 
