@@ -114,42 +114,6 @@ def merge_records(answers: list[Answer]) -> Answer:
     return Answer(kind="schema", found=bool(records), records=tuple(records), evidence=evidence)
 
 
-def _distinct_by_place(
-    parts: list[list[_T]],
-    where: Callable[[_T], Evidence | None],
-    content: Callable[[_T], str],
-) -> list[_T]:
-    """Entries of several parts, each occurrence once.
-
-    An entry is dropped when its evidence quotes again an occurrence an earlier
-    part kept (the rule counts use, matched one to one); a part's own entries
-    are distinct occurrences (verify places them apart) and are all kept.
-    """
-    kept: list[_T] = []
-    seen = _Occurrences()
-    contents: set[str] = set()
-    for part in parts:
-        matched: set[int] = set()
-        fresh: list[Evidence] = []
-        for entry in part:
-            evidence = where(entry)
-            if evidence is None:
-                key = _normal(content(entry))
-                if key not in contents:
-                    contents.add(key)
-                    kept.append(entry)
-                continue
-            twin = seen.find(evidence, exclude=matched)
-            if twin is None:
-                fresh.append(evidence)
-                kept.append(entry)
-            else:
-                matched.add(twin)
-        for evidence in fresh:
-            seen.add(evidence)
-    return kept
-
-
 def merge_by_code(kind: str, answers: list[Answer]) -> Answer:
     """Merge answers of any kind but free text.
 
@@ -189,6 +153,42 @@ def merge_evidence(answers: list[Answer]) -> tuple[Evidence, ...]:
         for evidence in answer.evidence:
             seen.setdefault((evidence.start, evidence.end), evidence)
     return tuple(sorted(seen.values(), key=lambda e: e.start))
+
+
+def _distinct_by_place(
+    parts: list[list[_T]],
+    where: Callable[[_T], Evidence | None],
+    content: Callable[[_T], str],
+) -> list[_T]:
+    """Entries of several parts, each occurrence once.
+
+    An entry is dropped when its evidence quotes again an occurrence an earlier
+    part kept (the rule counts use, matched one to one); a part's own entries
+    are distinct occurrences (verify places them apart) and are all kept.
+    """
+    kept: list[_T] = []
+    seen = _Occurrences()
+    contents: set[str] = set()
+    for part in parts:
+        matched: set[int] = set()
+        fresh: list[Evidence] = []
+        for entry in part:
+            evidence = where(entry)
+            if evidence is None:
+                key = _normal(content(entry))
+                if key not in contents:
+                    contents.add(key)
+                    kept.append(entry)
+                continue
+            twin = seen.find(evidence, exclude=matched)
+            if twin is None:
+                fresh.append(evidence)
+                kept.append(entry)
+            else:
+                matched.add(twin)
+        for evidence in fresh:
+            seen.add(evidence)
+    return kept
 
 
 def _sum_distinct(
