@@ -290,11 +290,16 @@ def build_result(run_id: str, engine: Engine, outcome: Outcome, *, elapsed_s: fl
     source = engine.source
     answer = outcome.answer
     failures = [_failure(source, o) for o in _failed_leaves(outcome)]
-    if outcome.status == "failed" or (failures and not _answered_any(outcome)):
+    unanswered = bool(failures) and not _answered_any(outcome)
+    if unanswered:
         # No span was answered: there is no answer, not an empty one.
-        status, answer = "failed", None
+        answer = None
+    if outcome.status == "failed":
+        status = "failed"
     elif any(failure.status == "stopped" for failure in failures):
         status = "stopped"
+    elif unanswered:
+        status = "failed"
     elif failures:
         status = "partial"
     else:

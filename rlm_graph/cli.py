@@ -861,6 +861,8 @@ def _print_estimate(engine: Any, as_json: bool) -> None:
 def _print_human(result: Any) -> None:
     if result.status == "failed":
         answer = "no answer: every part failed (see failures)"
+    elif result.status == "stopped" and result.answer is None and result.kind != "text":
+        answer = "no answer yet: the run stopped before any part was answered"
     elif result.kind == "list":
         answer = "\n".join(f"- {item}" for item in result.answer or []) or "(nothing found)"
     elif result.kind == "table":

@@ -204,6 +204,18 @@ async def test_failed_run_has_no_answer_of_any_kind(scripted, kind):
     assert result.answer is None and not result.found
 
 
+async def test_run_stopped_before_any_part_was_answered_has_no_answer(scripted):
+    scripted(lambda request: "I am unable to help with that.")
+
+    result = await arun(
+        "How many logins are there?", text=LOGINS, kind="count", chunk_tokens=64,
+        max_calls=2, concurrency=1, **SETTINGS,
+    )
+
+    assert result.status == "stopped" and result.answer is None
+    assert any(f.status == "stopped" for f in result.failures)
+
+
 def test_cli_says_no_answer_when_every_part_failed(scripted, tmp_path):
     scripted(lambda request: "I am unable to help with that.")
     source = tmp_path / "logins.txt"
