@@ -15,7 +15,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from rlm_graph.result import Citation, Failure, Result, TaskNode, Usage
 from rlm_graph.source import Source, load_source, source_from_text
 from rlm_graph.store import RunRecord, SourceInfo, Store, open_store, source_files_info
 
-__all__ = ["aresume", "arun", "execute", "prepare", "resume", "run"]
+__all__ = ["aresume", "arun", "execute", "execute_nested", "prepare", "resume", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,11 @@ async def arun(
     Same arguments as :func:`run`.
     """
     record_model = _record_model(settings)
-    engine = prepare(question, paths, text=text, config=config, on_event=on_event, **settings)
+    # Reading, counting and planning a large source takes seconds of CPU: in a
+    # thread, so that the caller's event loop (a server's other requests) goes on.
+    engine = await asyncio.to_thread(
+        prepare, question, paths, text=text, config=config, on_event=on_event, **settings
+    )
     engine.record_model = record_model
     async with open_store(store) as opened:
         result = await execute(engine, store=opened, run_id=run_id)
@@ -165,6 +169,7 @@ async def aresume(
     """Finish a run; same arguments as :func:`resume`."""
     async with open_store(store) as opened:
         record = await opened.get_run(run_id)
+        _refuse_nested(record)
         _check_question(record, question)
         config = _resume_config(record, settings)
         source = await opened.load_source(record.source.digest)
@@ -204,8 +209,6 @@ async def execute(
     if record is None:
         record = await _new_record(engine, store, run_id)
     engine.client.call_log = store
-    progress = _Progress(engine, record)
-    engine.add_listener(progress.on_event)
 
     async with store.lock_run(record.run_id):
         graph = build_graph(engine, checkpointer=store.saver)
@@ -217,36 +220,94 @@ async def execute(
         elif stage == "unfinished":
             state_input = None
             logger.info("run %s: continuing from its last checkpoint", record.run_id)
-        record.status, record.error = "running", None
-        await store.save_run(record)
-        engine.emit(Event("run_started", data={"run_id": record.run_id, "store": store.location}))
-        logger.info("run %s started: %s", record.run_id, engine.source.describe())
-
-        autosave = asyncio.create_task(progress.autosave(store))
-        try:
+        async with _recorded(engine, store, record) as progress:
             state = await graph.ainvoke(
                 state_input,
                 {"configurable": {"thread_id": record.thread_id}, "recursion_limit": 100},
             )
-        except BaseException as exc:
-            autosave.cancel()
-            record.status = "interrupted"
-            record.error = _short_error(exc)
-            record.plan = engine.plan.model_dump(mode="json")
-            record.progress = progress.snapshot()
-            await asyncio.shield(store.save_run(record))
-            raise
-        autosave.cancel()
+        return await _finish(engine, store, record, progress, outcome_of(state), started)
 
-        outcome = outcome_of(state)
-        result = build_result(record.run_id, engine, outcome, elapsed_s=time.monotonic() - started)
-        # A resumed run reports what all its sessions paid, not only this one.
-        result = result.model_copy(update={"usage": progress.total_usage()})
-        record.status = result.status
-        record.result = result.model_dump(mode="json")
+
+async def execute_nested(
+    engine: Engine,
+    *,
+    store: Store,
+    run_id: str | None = None,
+    parent: dict[str, str] | None = None,
+) -> Result:
+    """Run a prepared engine's graph inside the LangGraph graph running now.
+
+    The graph is compiled without a checkpointer, so LangGraph lends it the
+    running graph's: its checkpoints live in the parent's thread, and resuming
+    the parent resumes it. The run is listed in ``store``'s registry
+    (``rlm-graph runs``/``show``) and every model call goes to its call log.
+
+    Args:
+        run_id: the run's name; a run already registered under it (its parent
+            was interrupted and is being resumed) is continued, not refused.
+        parent: where the run's checkpoints are, for messages: ``thread_id``
+            and ``namespace`` (the node's checkpoint namespace).
+    """
+    started = time.monotonic()
+    record = None
+    if run_id is not None:
+        with contextlib.suppress(StoreError):
+            record = await store.get_run(run_id)
+        if record is not None and record.run_id != run_id:
+            record = None  # only a prefix matched: another run
+    if record is None:
+        record = await _new_record(engine, store, run_id, parent=parent)
+    else:
+        logger.info("run %s: its parent graph resumed it", record.run_id)
+    engine.client.call_log = store
+
+    async with store.lock_run(record.run_id):
+        async with _recorded(engine, store, record) as progress:
+            # No checkpointer: LangGraph lends the parent's.
+            values = await build_graph(engine).ainvoke(
+                {"question": engine.plan.question}, {"recursion_limit": 100}
+            )
+        return await _finish(engine, store, record, progress, outcome_of(values), started)
+
+
+@contextlib.asynccontextmanager
+async def _recorded(engine: Engine, store: Store, record: RunRecord) -> AsyncIterator[_Progress]:
+    """Mark the run running, save its progress while the block runs, and record
+    it as interrupted if the block raises (a cancel included)."""
+    progress = _Progress(engine, record)
+    engine.add_listener(progress.on_event)
+    record.status, record.error = "running", None
+    await store.save_run(record)
+    engine.emit(Event("run_started", data={"run_id": record.run_id, "store": store.location}))
+    logger.info("run %s started: %s", record.run_id, engine.source.describe())
+
+    autosave = asyncio.create_task(progress.autosave(store))
+    try:
+        yield progress
+    except BaseException as exc:
+        autosave.cancel()
+        record.status = "interrupted"
+        record.error = _short_error(exc)
         record.plan = engine.plan.model_dump(mode="json")
         record.progress = progress.snapshot()
-        await store.save_run(record)
+        await asyncio.shield(store.save_run(record))
+        raise
+    autosave.cancel()
+
+
+async def _finish(
+    engine: Engine, store: Store, record: RunRecord, progress: _Progress,
+    outcome: Outcome, started: float,
+) -> Result:
+    """Build the result of a finished graph and save it in the run's record."""
+    result = build_result(record.run_id, engine, outcome, elapsed_s=time.monotonic() - started)
+    # A resumed run reports what all its sessions paid, not only this one.
+    result = result.model_copy(update={"usage": progress.total_usage()})
+    record.status = result.status
+    record.result = result.model_dump(mode="json")
+    record.plan = engine.plan.model_dump(mode="json")
+    record.progress = progress.snapshot()
+    await store.save_run(record)
     logger.info("run %s finished: %s, %d calls", record.run_id, result.status, result.usage.calls)
 
     return result
@@ -403,7 +464,9 @@ def _refuse_running_loop(name: str, async_name: str) -> None:
     raise RuntimeError(msg)
 
 
-async def _new_record(engine: Engine, store: Store, run_id: str | None) -> RunRecord:
+async def _new_record(
+    engine: Engine, store: Store, run_id: str | None, *, parent: dict[str, str] | None = None
+) -> RunRecord:
     if run_id is None:
         run_id = f"run-{uuid.uuid4().hex[:12]}"
     elif not _RUN_ID.fullmatch(run_id):
@@ -425,6 +488,7 @@ async def _new_record(engine: Engine, store: Store, run_id: str | None) -> RunRe
         ),
         config=engine.config.model_dump(mode="json", exclude={"api_key"}),
         plan=engine.plan.model_dump(mode="json"),
+        parent=parent,
     )
     await store.save_source(source)
     return record
@@ -436,6 +500,19 @@ async def _thread_stage(graph: Any, thread_id: str) -> str:
     if not snapshot.values and not snapshot.next:
         return "new"
     return "unfinished" if snapshot.next else "finished"
+
+
+def _refuse_nested(record: RunRecord) -> None:
+    if record.parent is None:
+        return
+    thread = record.parent.get("thread_id", "?")
+    msg = (
+        f"Run {record.run_id} ran inside a LangGraph graph (thread {thread!r}, node "
+        f"{record.parent.get('namespace', '?')!r}), whose checkpointer holds its state: "
+        f"resume that graph instead, e.g. await graph.ainvoke(None, "
+        f"{{'configurable': {{'thread_id': {thread!r}}}}})."
+    )
+    raise ConfigError(msg)
 
 
 def _check_question(record: RunRecord, question: str | None) -> None:

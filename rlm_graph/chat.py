@@ -108,6 +108,12 @@ def answer_text(result: Result, *, with_citations: bool = True) -> str:
         lines.append(
             f"\n(Partial answer: {len(result.failures)} part(s) of the text could not be read.)"
         )
+    elif result.status == "stopped":
+        reason = result.stop_reason or "a budget was reached"
+        lines.append(
+            f"\n(Partial answer: the run stopped ({reason}); "
+            f"{len(result.failures)} part(s) of the text were not read.)"
+        )
 
     return "\n".join(lines)
 

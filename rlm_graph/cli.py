@@ -34,6 +34,43 @@ _STORE_HELP = (
 )
 
 
+def _together(*options: Any) -> Any:
+    """One decorator applying several click options, in the order given."""
+
+    def apply(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+# Options `run` and `serve` share: defined once, so both take the same flags.
+_model_options = _together(
+    click.option("--model", help="Root model: any LiteLLM name (default: the embedded model)."),
+    click.option("--worker-model", help="Model for leaf calls (default: --model)."),
+    click.option(
+        "--router-config", type=click.Path(dir_okay=False),
+        help="LiteLLM proxy-style YAML (model_list, router_settings, roles): "
+        "deployments, fallbacks, rpm/tpm, cooldowns. The model flags then name "
+        "its groups.",
+    ),
+    click.option("--api-base", help="Base URL of an OpenAI-compatible, Ollama or vLLM server."),
+    click.option("--api-key", envvar="RLM_GRAPH_API_KEY", help="Key for --api-base (or RLM_GRAPH_API_KEY)."),
+)
+_CHUNK_TOKENS = click.option("--chunk-tokens", type=int, help="Largest span a leaf call reads, in tokens.")
+_CONCURRENCY = click.option("--concurrency", type=int, help="Most model calls in flight at once (default 8).")
+_CONTEXT_WINDOW = click.option("--context-window", type=int, help="Worker window in tokens, for unknown models.")
+_budget_options = _together(
+    click.option("--max-calls", type=int, help="Budget: most model calls (retries count)."),
+    click.option("--max-tokens", type=int, help="Budget: most prompt + completion tokens."),
+    click.option("--max-cost", type=float, help="Budget: most US dollars (needs known prices)."),
+    click.option("--max-time", "max_time_s", type=float, help="Budget: most seconds of wall time."),
+    click.option("--price-in", type=float, help="USD per 1M prompt tokens (models without a known price)."),
+    click.option("--price-out", type=float, help="USD per 1M completion tokens."),
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rlm-graph")
 def main() -> None:
@@ -43,23 +80,14 @@ def main() -> None:
 @main.command("run")
 @click.argument("sources", nargs=-1, required=True, metavar="SOURCE...")
 @click.option("-q", "--question", required=True, help="The question to answer.")
-@click.option("--model", help="Root model: any LiteLLM name (default: the embedded model).")
-@click.option("--worker-model", help="Model for leaf calls (default: --model).")
-@click.option(
-    "--router-config", type=click.Path(dir_okay=False),
-    help="LiteLLM proxy-style YAML (model_list, router_settings, roles): "
-    "deployments, fallbacks, rpm/tpm, cooldowns. The model flags then name "
-    "its groups.",
-)
-@click.option("--api-base", help="Base URL of an OpenAI-compatible, Ollama or vLLM server.")
-@click.option("--api-key", envvar="RLM_GRAPH_API_KEY", help="Key for --api-base (or RLM_GRAPH_API_KEY).")
+@_model_options
 @click.option("--max-depth", type=int, help="Deepest recursion level (default 4).")
-@click.option("--chunk-tokens", type=int, help="Largest span a leaf call reads, in tokens.")
+@_CHUNK_TOKENS
 @click.option("--overlap-tokens", type=int, help="Tokens shared by neighbouring spans.")
-@click.option("--concurrency", type=int, help="Most model calls in flight at once (default 8).")
+@_CONCURRENCY
 @click.option("--fan-out", type=int, help="Most child spans one split makes (default 8).")
 @click.option("--fan-in", type=int, help="Most answers one free-text merge call reads (default 8).")
-@click.option("--kind", type=click.Choice(["auto", "text", "list", "count", "table", "yesno", "schema"]),
+@click.option("--kind", type=click.Choice(["auto", "text", "short", "list", "count", "table", "yesno", "schema"]),
               help="Answer kind (default: the plan decides).")
 @click.option("--schema", "schema_file", metavar="FILE",
               help="JSON Schema file of one record: the answer is a list of such records.")
@@ -68,16 +96,11 @@ def main() -> None:
               help="Who plans: the root model from a preview (default), or rules only.")
 @click.option("--judge-model", help="Judge model: checks each leaf answer that found something against its span (not 'found nothing' answers). Default: no judge.")
 @click.option("--filter", help="Regex: skip parts of the source with no match, unread.")
-@click.option("--context-window", type=int, help="Worker window in tokens, for unknown models.")
+@_CONTEXT_WINDOW
 @click.option("--max-output-tokens", type=int, help="Output tokens reserved per call.")
 @click.option("--timeout", "timeout_s", type=float, help="Seconds per model call attempt.")
 @click.option("--encoding", help="Encoding of the source files (default utf-8).")
-@click.option("--max-calls", type=int, help="Budget: most model calls (retries count).")
-@click.option("--max-tokens", type=int, help="Budget: most prompt + completion tokens.")
-@click.option("--max-cost", type=float, help="Budget: most US dollars (needs known prices).")
-@click.option("--max-time", "max_time_s", type=float, help="Budget: most seconds of wall time.")
-@click.option("--price-in", type=float, help="USD per 1M prompt tokens (models without a known price).")
-@click.option("--price-out", type=float, help="USD per 1M completion tokens.")
+@_budget_options
 @click.option(
     "--dry-run", is_flag=True,
     help="Print the plan, pieces, calls, tokens and cost, and stop. With the model "
@@ -617,6 +640,12 @@ def _show_record(record: Any, max_depth: int, store: str | None) -> None:
     names = ", ".join(f["name"] for f in record.source.files[:3])
     console.print(f"source: {names} ({record.source.chars:,} characters, sha256 {record.source.digest[:12]})",
                   highlight=False)
+    if record.parent is not None:
+        console.print(
+            f"inside LangGraph thread {record.parent.get('thread_id')!r}, "
+            f"node {record.parent.get('namespace')!r}",
+            highlight=False,
+        )
     if record.error:
         console.print(f"stopped by: {record.error}", highlight=False)
     if record.result is not None:
@@ -648,7 +677,11 @@ def _show_record(record: Any, max_depth: int, store: str | None) -> None:
         from rlm_graph.store import redact
 
         where = f" --store {redact(store)}" if store else ""
-        click.echo(f"resume with: rlm-graph resume {record.run_id}{where}")
+        if record.parent is not None:
+            thread = record.parent.get("thread_id")
+            click.echo(f"resume by resuming its LangGraph graph's thread {thread!r}")
+        else:
+            click.echo(f"resume with: rlm-graph resume {record.run_id}{where}")
 
 
 def _node_label(task_id: str, status: str, verdict: str, answer: Any) -> str:
@@ -874,7 +907,7 @@ def _print_human(result: Any) -> None:
     elif result.kind == "schema":
         records = [json.dumps(r, ensure_ascii=False) for r in result.answer or []]
         answer = "\n".join(records) or "(nothing found)"
-    elif not result.found and result.kind == "text":
+    elif not result.found and result.kind in ("text", "short"):
         answer = "(no part of the source answered the question)"
     else:
         answer = str(result.answer)
@@ -981,14 +1014,12 @@ def _configure_logging(verbose: int, debug: bool) -> None:
 @click.option("--token", envvar="RLM_GRAPH_SERVE_TOKEN", help="Bearer token clients must send (or RLM_GRAPH_SERVE_TOKEN).")
 @click.option("--max-request-mb", default=16.0, show_default=True, type=float, help="Largest request body, in MB.")
 @click.option("--max-runs", default=2, show_default=True, type=int, help="Runs at once; more requests wait.")
-@click.option("--store", "store", help="Where runs are recorded: a SQLite file or a PostgreSQL URL.")
-@click.option("--model", help="Root model: any LiteLLM name (default: the embedded model).")
-@click.option("--worker-model", help="Model for leaf calls (default: --model).")
-@click.option("--api-base", help="Base URL of an OpenAI-compatible, Ollama or vLLM server.")
-@click.option("--api-key", envvar="RLM_GRAPH_API_KEY", help="Key for --api-base (or RLM_GRAPH_API_KEY).")
-@click.option("--context-window", type=int, help="Worker window in tokens, for unknown models.")
-@click.option("--chunk-tokens", type=int, help="Largest span a leaf call reads, in tokens.")
-@click.option("--concurrency", type=int, help="Most model calls in flight per run (default 8).")
+@click.option("--store", "store", envvar="RLM_GRAPH_STORE", help=_STORE_HELP)
+@_model_options
+@_CONTEXT_WINDOW
+@_CHUNK_TOKENS
+@_CONCURRENCY
+@_budget_options
 @click.option("-v", "--verbose", count=True, help="-v: milestones and retries; -vv: every call.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def serve_command(
@@ -998,10 +1029,13 @@ def serve_command(
     """Serve rlm-graph as an OpenAI-compatible chat model over HTTP.
 
     POST /v1/chat/completions answers over the whole conversation; GET /v1/models
-    lists the model name to send (rlm/<worker model>). Stop with Ctrl-C.
+    lists the model name to send (rlm/<worker model>). Concurrency and budgets
+    apply to each request's run. Stop with Ctrl-C.
     """
     _configure_logging(max(verbose, 1), debug)
     settings = {key: value for key, value in options.items() if value is not None}
+    if settings.get("api_key"):
+        _RedactSecrets.known.add(settings["api_key"])
     with _errors_to_exit_codes(debug):
         import asyncio
 
@@ -1023,8 +1057,10 @@ def serve_command(
             msg = f"Invalid setting '{where}': {first.get('msg')}. See 'rlm-graph serve --help'."
             raise ConfigError(msg) from exc
 
+        model_id = served_model_id(config)
+
         def announce(url: str) -> None:
-            click.echo(f"rlm-graph serve: model {served_model_id(config)} at {url} (Ctrl-C stops)", err=True)
+            click.echo(f"rlm-graph serve: model {model_id} at {url} (Ctrl-C stops)", err=True)
 
         try:
             asyncio.run(serve(config, serve_settings, on_ready=announce))

@@ -47,7 +47,14 @@ from rlm_graph.config import RunConfig
 from rlm_graph.errors import ConfigError, ModelCallError, RlmGraphError, SourceError
 from rlm_graph.result import Result
 
-__all__ = ["ServeSettings", "create_app", "serve", "serve_in_thread", "served_model_id"]
+__all__ = [
+    "ServeSettings",
+    "check_config",
+    "create_app",
+    "serve",
+    "serve_in_thread",
+    "served_model_id",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +109,31 @@ class _ChatRequest(BaseModel):
 
 
 def served_model_id(config: RunConfig) -> str:
-    """The model name clients send: ``rlm/`` and the worker model."""
-    return f"rlm/{config.leaf_model}"
+    """The model name clients send: ``rlm/`` and the worker model (with a
+    router config: the name of the group that plays the worker role).
+
+    Raises:
+        ConfigError: the router config cannot be used.
+    """
+    if config.router_config is None:
+        return f"rlm/{config.leaf_model}"
+    from rlm_graph.models import ModelClient
+
+    return f"rlm/{ModelClient(config).table.roles['worker']}"
+
+
+def check_config(config: RunConfig) -> None:
+    """Refuse settings every request would fail with, before serving any.
+
+    Builds the model client a run builds: unknown models, an unusable router
+    config, or a cost budget without prices raise here.
+
+    Raises:
+        ConfigError: what is wrong and how to fix it.
+    """
+    from rlm_graph.models import ModelClient
+
+    ModelClient(config)
 
 
 def create_app(
@@ -143,9 +173,19 @@ async def serve(
         on_ready: called with the base URL (``http://host:port/v1``) once listening.
     """
     settings = settings or ServeSettings()
+    await asyncio.to_thread(check_config, config)
     # On Ctrl-C, requests in flight get a few seconds, not aiohttp's default 60:
     # an idle keep-alive connection held the process open for the full minute.
-    runner = web.AppRunner(create_app(config, settings), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+    # handler_cancellation: a client that disconnects cancels its request's
+    # handler, and with it the run (calls already returned stay in the call
+    # log; the run is recorded as interrupted). aiohttp's default lets a run
+    # nobody waits for go on spending.
+    runner = web.AppRunner(
+        create_app(config, settings),
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+        handler_cancellation=True,
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
@@ -271,6 +311,7 @@ class _Endpoint:
         return web.json_response(self._completion(completion_id, result))
 
     async def _run(self, question: str, text: str, settings: dict[str, Any]) -> Result:
+        run_id = f"run-{uuid.uuid4().hex[:12]}"
         async with self.runs:
             try:
                 return await arun(
@@ -278,8 +319,16 @@ class _Endpoint:
                     text=text,
                     config=self.config,
                     store=self.settings.store,
+                    run_id=run_id,
                     **settings,
                 )
+            except asyncio.CancelledError:
+                logger.info(
+                    "the client went away: run %s stopped; its finished calls are "
+                    "kept and answer the same request again",
+                    run_id,
+                )
+                raise
             except (ConfigError, SourceError) as exc:
                 raise _bad_request(str(exc)) from exc
             except ModelCallError as exc:
@@ -326,17 +375,24 @@ class _Endpoint:
         # Start the run before answering 200, so that errors found before any
         # model call (a bad setting, an empty source) still come back as 4xx.
         run_task = asyncio.ensure_future(self._run(question, text, settings))
-        done, _ = await asyncio.wait({run_task}, timeout=KEEPALIVE_INTERVAL_S)
-        if run_task in done and run_task.exception() is not None:
-            raise run_task.exception()  # type: ignore[misc]  # checked just above
+        try:
+            done, _ = await asyncio.wait({run_task}, timeout=KEEPALIVE_INTERVAL_S)
+            if run_task in done and run_task.exception() is not None:
+                raise run_task.exception()  # type: ignore[misc]  # checked just above
 
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await response.prepare(request)
-        while not run_task.done():
-            await response.write(b": running\n\n")
-            await asyncio.wait({run_task}, timeout=KEEPALIVE_INTERVAL_S)
+            response = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            )
+            await response.prepare(request)
+            while not run_task.done():
+                await response.write(b": running\n\n")
+                await asyncio.wait({run_task}, timeout=KEEPALIVE_INTERVAL_S)
+        finally:
+            # The client went away (this handler was cancelled) or a write
+            # failed: the run stops too.
+            if not run_task.done():
+                run_task.cancel()
+                await asyncio.wait({run_task}, timeout=SHUTDOWN_GRACE_S)
         try:
             result = run_task.result()
             content = self._content(result)

@@ -24,6 +24,7 @@ system or the server when the holder dies, even by SIGKILL.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -31,11 +32,12 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.store.sqlite import AsyncSqliteStore
 from pydantic import BaseModel, Field
 
@@ -97,6 +99,10 @@ class RunRecord(BaseModel):
     progress: dict[str, Any] = Field(default_factory=dict)
     result: dict[str, Any] | None = None
     error: str | None = None
+    parent: dict[str, str] | None = None
+    """For a run made inside a user's LangGraph graph (``rlm_node``): the
+    parent's ``thread_id`` and the node's checkpoint ``namespace``. Its
+    checkpoints are the parent's; resuming the parent resumes it."""
     format: int = STORE_FORMAT
 
     @property
@@ -155,7 +161,7 @@ async def open_store(
             yield store
     else:
         path = Path(where).expanduser()
-        if not create and not path.exists():
+        if not create and not await asyncio.to_thread(path.exists):
             msg = f"There is no rlm-graph store at {path}: nothing has run with it yet."
             raise StoreError(msg)
         async with _open_sqlite(path) as store:
@@ -343,14 +349,10 @@ async def _open_memory() -> AsyncIterator[Store]:
 @contextlib.asynccontextmanager
 async def _open_sqlite(path: Path) -> AsyncIterator[Store]:
     import aiosqlite
-    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
-    _check_sqlite_file(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        msg = f"Cannot create the store's folder {path.parent}: {exc.strerror}. Pick another with --store PATH."
-        raise StoreError(msg) from exc
+    # File checks run in a thread: a store opened on a server's event loop
+    # (the LangGraph dev server refuses blocking calls there) must not block it.
+    await asyncio.to_thread(_prepare_sqlite_file, path)
     try:
         async with (
             aiosqlite.connect(path, timeout=60) as saver_conn,
@@ -358,16 +360,62 @@ async def _open_sqlite(path: Path) -> AsyncIterator[Store]:
         ):
             await saver_conn.execute("PRAGMA busy_timeout = 60000")
             await kv_conn.execute("PRAGMA busy_timeout = 60000")
-            saver = AsyncSqliteSaver(saver_conn)
+            saver = _ShieldedSqliteSaver(saver_conn)
             kv = _ImmediateSqliteStore(kv_conn)
             await saver.setup()
             await kv.setup()
             store = Store(str(path), saver, kv, _FileLocker(path))
             await _check_format(store)
-            yield store
+            try:
+                yield store
+            finally:
+                await saver.drain()
     except (sqlite3.DatabaseError, OSError) as exc:
         msg = f"Cannot use the store {path}: {exc}. Pick another file with --store PATH."
         raise StoreError(msg) from exc
+
+
+class _ShieldedSqliteSaver(AsyncSqliteSaver):
+    """AsyncSqliteSaver whose writes finish even when their caller is cancelled.
+
+    The stock saver commits after its INSERT. A cancel between the two (a
+    client leaving ``rlm-graph serve`` mid-run) left the transaction open, and
+    closing the connection then did not end it: SQLite kept the closed
+    connection alive for its unfinished statement, with the write lock, and
+    every later writer of the file, other processes included, got "database
+    is locked" (tests/test_serve.py, the disconnect test). Here each write runs
+    to its commit in a task of its own, the caller is still cancelled at once,
+    and :meth:`drain` waits for such writes before the connection closes.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._writing: set[asyncio.Task[Any]] = set()
+
+    async def aput(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._shielded(super().aput(*args, **kwargs))
+
+    async def aput_writes(self, *args: Any, **kwargs: Any) -> None:
+        await self._shielded(super().aput_writes(*args, **kwargs))
+
+    async def adelete_thread(self, *args: Any, **kwargs: Any) -> None:
+        await self._shielded(super().adelete_thread(*args, **kwargs))
+
+    async def drain(self) -> None:
+        """Wait for writes whose callers were cancelled."""
+        if self._writing:
+            await asyncio.wait(set(self._writing))
+
+    async def _shielded(self, write: Coroutine[Any, Any, Any]) -> Any:
+        task = asyncio.ensure_future(write)
+        self._writing.add(task)
+        task.add_done_callback(self._written)
+        return await asyncio.shield(task)
+
+    def _written(self, task: asyncio.Task[Any]) -> None:
+        self._writing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("a checkpoint write failed: %s", task.exception())
 
 
 class _ImmediateSqliteStore(AsyncSqliteStore):
@@ -396,6 +444,16 @@ class _ImmediateSqliteStore(AsyncSqliteStore):
                     raise
                 if transaction:
                     await self.conn.execute("COMMIT")
+
+
+def _prepare_sqlite_file(path: Path) -> None:
+    """Check an existing file (:func:`_check_sqlite_file`) and make its folder."""
+    _check_sqlite_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        msg = f"Cannot create the store's folder {path.parent}: {exc.strerror}. Pick another with --store PATH."
+        raise StoreError(msg) from exc
 
 
 def _check_sqlite_file(path: Path) -> None:
@@ -537,26 +595,39 @@ class _FileLocker(_Locker):
     def _path(self, run_id: str) -> Path:
         return self._folder / (hashlib.sha256(run_id.encode()).hexdigest()[:24] + ".lock")
 
+    # The file calls run in a thread, off the event loop (see _open_sqlite).
+
     @contextlib.asynccontextmanager
     async def _hold(self, run_id: str) -> AsyncIterator[None]:
+        handle = await asyncio.to_thread(self._acquire, run_id)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(handle.close)
+
+    def _acquire(self, run_id: str) -> IO[str]:
         import fcntl
 
         self._folder.mkdir(parents=True, exist_ok=True)
         handle = self._path(run_id).open("a+")
         try:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise _busy(run_id) from None
-            yield
-        finally:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             handle.close()
+            raise _busy(run_id) from None
+        except BaseException:
+            handle.close()
+            raise
+        return handle
 
     async def is_locked(self, run_id: str) -> bool:
-        import fcntl
-
         if await super().is_locked(run_id):
             return True
+        return await asyncio.to_thread(self._is_locked_elsewhere, run_id)
+
+    def _is_locked_elsewhere(self, run_id: str) -> bool:
+        import fcntl
+
         path = self._path(run_id)
         if not path.exists():
             return False

@@ -51,6 +51,7 @@ def test_every_example_is_covered():
         "langchain_tool_and_chat.py",
         "langgraph_subgraph.py",
         "litellm_provider.py",
+        "litellm_proxy.py",
         "openai_client.py",
         "python_api.py",
     ]

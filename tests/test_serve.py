@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import pytest
 
 from rlm_graph import ConfigError, RunConfig
 from rlm_graph.serve import ServeSettings, create_app, serve_in_thread
-from rlm_graph.testing import FakeOpenAIServer
+from rlm_graph.testing import FakeOpenAIServer, Reply
 
 from .conftest import numbered_paragraphs, text_reply
 
@@ -278,3 +279,228 @@ def _announced_url(process: subprocess.Popen[str]) -> str:
         if process.poll() is not None:
             break
     pytest.fail(f"rlm-graph serve did not announce its URL: {json.dumps(lines)}")
+
+
+def _slow(responder, latency_s: float):
+    def respond(request):
+        reply = responder(request)
+        return Reply(
+            content=reply if isinstance(reply, str) else reply.content,
+            latency_s=latency_s,
+        )
+
+    return respond
+
+
+def _raw_post(url: str, body: dict[str, object]) -> socket.socket:
+    """Send a chat request on a socket of its own and leave it open, unread."""
+    parsed = httpx.URL(url)
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {parsed.path}/chat/completions HTTP/1.1\r\n"
+        f"Host: {parsed.host}:{parsed.port}\r\n"
+        f"Authorization: Bearer {TOKEN}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    ).encode()
+    sock = socket.create_connection((parsed.host, parsed.port), timeout=10)
+    sock.sendall(head + payload)
+    return sock
+
+
+def _wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_disconnects_stops_its_run_and_keeps_its_calls(
+    scripted, tmp_path, stream
+):
+    double = scripted(_slow(text_reply(r"The secret code word is (\w+)\."), 0.1))
+    store = str(tmp_path / "serve.sqlite")
+    config = RunConfig(
+        model="scripted/m", context_window=4096, chunk_tokens=200, concurrency=1
+    )
+    body = chat(numbered_paragraphs(40, needle_at={27: NEEDLE}), stream=stream)
+    with serve_in_thread(
+        config, ServeSettings(port=0, token=TOKEN, store=store)
+    ) as url:
+        sock = _raw_post(url, body)
+        _wait_for(lambda: len(double.requests) >= 4, 60, "the run's first calls")
+        sock.close()
+        cut_at = time.monotonic()
+        _wait_for(lambda: double.in_flight == 0, 10, "the run to stop")
+        stopped_after_s = time.monotonic() - cut_at
+        sent_before = len(double.requests)
+        time.sleep(1.0)  # ten call latencies: a run going on would send more
+        sent_while_gone = len(double.requests) - sent_before
+        runs = _cli_json("runs", "--store", store)
+        double.reset()
+
+        again = httpx.post(
+            url + "/chat/completions",
+            json=chat(body["messages"][0]["content"]),
+            headers=AUTH,
+            timeout=120,
+        )
+
+    assert stopped_after_s < 2.0, stopped_after_s
+    assert sent_while_gone == 0
+    assert [r["status"] for r in runs] == ["interrupted"]
+    assert again.status_code == 200
+    assert again.json()["choices"][0]["message"]["content"].startswith("HELIOTROPE")
+    usage = again.json()["rlm_graph"]
+    # Every call the cut run finished answers from the call log; at most the
+    # one in flight when the client left is sent again.
+    assert usage["calls"] == len(double.requests)
+    reused = [r for r in _cli_json("runs", "--store", store) if r["status"] == "done"]
+    assert len(reused) == 1
+    shown = _cli_json("show", reused[0]["run_id"], "--store", store)
+    assert shown["result"]["usage"]["cached_calls"] >= sent_before - 1
+
+
+def _cli_json(*args: str) -> object:
+    from click.testing import CliRunner
+
+    from rlm_graph.cli import main
+
+    done = CliRunner().invoke(main, [*args, "--json"])
+    assert done.exit_code == 0, done.output
+    return json.loads(done.output)
+
+
+def test_a_large_source_is_read_off_the_event_loop(scripted, tmp_path):
+    double = scripted(text_reply(r"The secret code word is (\w+)\."))
+    # About 8 MB: reading, counting and cutting it takes seconds of CPU.
+    paragraph_chars = len(numbered_paragraphs(1))
+    count = 8_000_000 // paragraph_chars
+    text = numbered_paragraphs(count, needle_at={count // 2: NEEDLE})
+    # The filter leaves one span to read: what is measured is the source's
+    # reading and cutting, not the per-call work of hundreds of leaves.
+    config = RunConfig(
+        model="scripted/m",
+        context_window=8192,
+        chunk_tokens=2000,
+        filter="secret code",
+    )
+    settings = ServeSettings(
+        port=0,
+        token=TOKEN,
+        max_request_bytes=32 * 1024 * 1024,
+        store=str(tmp_path / "serve.sqlite"),
+    )
+    with serve_in_thread(config, settings) as url:
+        httpx.get(url + "/models", headers=AUTH, timeout=30)
+        sock = _raw_post(url, chat(text))
+        answered: list[float] = []
+        try:
+            while not double.requests:
+                started = time.monotonic()
+                # A loop busy with the source would hold this for seconds.
+                listed = httpx.get(url + "/models", headers=AUTH, timeout=2.0)
+                assert listed.status_code == 200
+                answered.append(time.monotonic() - started)
+        finally:
+            sock.close()
+
+    assert len(answered) >= 3, "the request's source took time to prepare"
+    print(
+        f"/v1/models while an 8 MB source was prepared: {len(answered)} answers, "
+        f"slowest {max(answered):.2f} s"
+    )
+
+
+def test_cli_serve_takes_router_config_and_a_budget_per_request(tmp_path):
+    import yaml
+
+    with FakeOpenAIServer(text_reply(r"The secret code word is (\w+)\.")) as models:
+        router = tmp_path / "router.yaml"
+        router.write_text(
+            yaml.safe_dump(
+                {
+                    "model_list": [
+                        {
+                            "model_name": "readers",
+                            "litellm_params": {
+                                "model": "openai/fake-model",
+                                "api_base": models.api_base,
+                                "api_key": "sk-fake",
+                            },
+                            "model_info": {"max_input_tokens": 4096},
+                        }
+                    ],
+                    "roles": {"root": "readers", "worker": "readers"},
+                }
+            )
+        )
+        process = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "rlm-graph"),
+                "serve",
+                "--port",
+                "0",
+                "--router-config",
+                str(router),
+                "--chunk-tokens",
+                "200",
+                "--max-calls",
+                "3",
+                "--store",
+                str(tmp_path / "serve.sqlite"),
+            ],
+            env={**os.environ, "RLM_GRAPH_SERVE_TOKEN": TOKEN},
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_default_sigint,
+        )
+        try:
+            url = _announced_url(process)
+            listed = httpx.get(url + "/models", headers=AUTH, timeout=30).json()
+            body = {
+                **chat(numbered_paragraphs(30, needle_at={25: NEEDLE})),
+                "model": "rlm/readers",
+            }
+            replies = [
+                httpx.post(
+                    url + "/chat/completions", headers=AUTH, json=body, timeout=120
+                )
+                for _ in range(2)
+            ]
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(60)
+
+    assert [m["id"] for m in listed["data"]] == ["rlm/readers"]
+    first, second = (r.json() for r in replies)
+    assert first["rlm_graph"]["status"] == "stopped"
+    assert first["rlm_graph"]["calls"] == 3, "the budget applies to the request's run"
+    assert "the run stopped" in first["choices"][0]["message"]["content"]
+    # A budget per request, not per server: the second run may spend 3 calls
+    # again (calls the first one made are answered from the call log).
+    assert second["rlm_graph"]["status"] == "stopped"
+    assert len(models.requests) == 6
+
+
+def test_cli_serve_refuses_unusable_settings_before_listening():
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "rlm-graph"),
+            "serve",
+            "--port",
+            "0",
+            "--model",
+            "openai/not-a-priced-model",
+            "--max-cost",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode == 2
+    assert "--max-cost needs prices" in done.stderr

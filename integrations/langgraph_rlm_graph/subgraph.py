@@ -11,6 +11,11 @@ an interruption (``graph.ainvoke(None, config)`` on the same thread), the
 node runs again and the subgraph continues from its own last checkpoint;
 model calls that had returned are not sent again.
 
+Each run is also listed in the rlm-graph store's run registry (``rlm-graph
+runs``, ``show``), under an id made of the node's name and a hash of the
+parent's thread and the node's task, so that a resumed parent continues the
+same run; its record names the parent's thread.
+
 The mapping, in and out:
 
 - in: ``question(state) -> str`` and one of ``paths(state) -> list of paths`` or
@@ -26,25 +31,20 @@ and an async checkpointer (``AsyncSqliteSaver``, ``AsyncPostgresSaver``,
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
+import hashlib
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypedDict
 
-from langchain_core.runnables import RunnableLambda
+from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 
 from rlm_graph import Result, RunConfig
-from rlm_graph.api import build_result, prepare
-from rlm_graph.graph import build_graph, outcome_of
+from rlm_graph.api import execute_nested, prepare
 from rlm_graph.store import open_store
 
 __all__ = ["RlmState", "build_rlm_graph", "rlm_node"]
-
-RECURSION_LIMIT = 100
-"""Steps allowed to the subgraph: the root task's re-asks loop through
-delegate and verify, a few steps each (the same limit as ``rlm_graph.run``)."""
 
 StateMap = Callable[[Any], Any]
 
@@ -103,8 +103,9 @@ def rlm_node(
         msg = "rlm_node needs exactly one of paths= and text= to read the source from the state."
         raise ValueError(msg)
     to_update = output or (lambda result: {"answer": result.answer})
+    run_config = config
 
-    async def rlm(state: Any) -> dict[str, Any]:
+    async def rlm(state: Any, config: RunnableConfig) -> dict[str, Any]:
         source_paths: Sequence[str] | None = list(paths(state)) if paths else None
         source_text = text(state) if text else None
         # Loading and counting a large source takes CPU time: off the loop, so
@@ -114,27 +115,33 @@ def rlm_node(
             question(state),
             source_paths,
             text=source_text,
-            config=config,
+            config=run_config,
             **settings,
         )
-        started = time.monotonic()
+        run_id, parent = _run_identity(config)
         async with open_store(store) as opened:
-            engine.client.call_log = opened
-            # No checkpointer: LangGraph lends the parent's.
-            subgraph = build_graph(engine)
-            values = await subgraph.ainvoke(
-                {"question": engine.plan.question}, {"recursion_limit": RECURSION_LIMIT}
+            result = await execute_nested(
+                engine, store=opened, run_id=run_id, parent=parent
             )
-        outcome = outcome_of(values)
-        result = build_result(
-            f"run-{uuid.uuid4().hex[:12]}",
-            engine,
-            outcome,
-            elapsed_s=time.monotonic() - started,
-        )
         return to_update(result)
 
     return RunnableLambda(_refuse_blocking, afunc=rlm, name="rlm")
+
+
+def _run_identity(config: RunnableConfig) -> tuple[str | None, dict[str, str] | None]:
+    """The run id of this node's run, the same each time LangGraph retries or
+    resumes the task: a hash of the parent's thread and the node's checkpoint
+    namespace (which holds the task id). None without a thread: a new run."""
+    configurable = config.get("configurable") or {}
+    thread = configurable.get("thread_id")
+    namespace = str(configurable.get("checkpoint_ns") or "")
+    if thread is None:
+        return None, None
+    node = namespace.rpartition("|")[2].partition(":")[0] or "rlm"
+    digest = hashlib.sha256(f"{thread}\n{namespace}".encode()).hexdigest()[:12]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", node).strip("-._")[:40] or "rlm"
+
+    return f"{name}-{digest}", {"thread_id": str(thread), "namespace": namespace}
 
 
 def _refuse_blocking(state: Any) -> dict[str, Any]:

@@ -116,8 +116,7 @@ async def test_subgraph_stores_its_checkpoints_in_the_parents_postgres_thread(
 
 @pytest.mark.postgres
 async def test_interrupted_parent_resumes_inside_the_subgraph_without_repeating_calls(
-    tmp_path,
-    scripted, postgres_saver
+    tmp_path, scripted, postgres_saver
 ):
     saver, _, _ = postgres_saver
     document = numbered_paragraphs(40, needle_at={27: NEEDLE})
@@ -191,3 +190,77 @@ def test_blocking_invoke_of_the_parent_says_to_use_ainvoke(scripted):
             {"query": "Q?", "document": "a\n\nb"},
             {"configurable": {"thread_id": "sync"}},
         )
+
+
+async def _cli(*args: str) -> Any:
+    """The CLI, in-process, in a thread: it runs an event loop of its own."""
+    from click.testing import CliRunner
+
+    from rlm_graph.cli import main
+
+    return await asyncio.to_thread(CliRunner().invoke, main, list(args))
+
+
+async def test_rlm_node_runs_are_listed_in_the_run_registry(scripted, tmp_path):
+    import json
+
+    scripted(text_reply(r"The secret code word is (\w+)\."))
+    store = str(tmp_path / "runs.sqlite")
+    parent = build_parent(InMemorySaver(), store)
+    document = numbered_paragraphs(40, needle_at={27: NEEDLE})
+
+    await parent.ainvoke(
+        {"query": "What is the secret code word?", "document": document},
+        {"configurable": {"thread_id": "listed"}},
+    )
+
+    listing = await _cli("runs", "--store", store, "--json")
+    assert listing.exit_code == 0, listing.output
+    rows = json.loads(listing.output)
+    assert [(r["status"], r["question"]) for r in rows] == [
+        ("done", "What is the secret code word?")
+    ]
+    assert rows[0]["run_id"].startswith("research-")
+    shown = await _cli("show", rows[0]["run_id"], "--store", store)
+    assert shown.exit_code == 0, shown.output
+    assert "HELIOTROPE" in shown.output
+    assert "inside LangGraph thread 'listed'" in shown.output
+
+
+async def test_interrupted_rlm_node_run_shows_interrupted_and_resumes_as_the_same_run(
+    scripted, tmp_path
+):
+    from rlm_graph.store import open_store
+
+    store = str(tmp_path / "runs.sqlite")
+    double = scripted(slow(text_reply(r"The secret code word is (\w+)\."), 0.02))
+    parent = build_parent(InMemorySaver(), store)
+    config = {"configurable": {"thread_id": "cut"}}
+    document = numbered_paragraphs(40, needle_at={27: NEEDLE})
+
+    first = asyncio.create_task(
+        parent.ainvoke(
+            {"query": "What is the secret code word?", "document": document}, config
+        )
+    )
+    while len(double.requests) < 6:
+        await asyncio.sleep(0.005)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    async with open_store(store) as opened:
+        [cut] = await opened.list_runs()
+    refused = await _cli("resume", cut.run_id, "--store", store)
+
+    state = await parent.ainvoke(None, config)
+
+    assert cut.status == "interrupted"
+    assert cut.parent == {"thread_id": "cut", "namespace": cut.parent["namespace"]}
+    assert cut.parent["namespace"].startswith("research:")
+    assert refused.exit_code == 2
+    assert "resume that graph instead" in refused.output
+    assert state["report"] == "Findings: HELIOTROPE"
+    async with open_store(store) as opened:
+        [done] = await opened.list_runs()
+    assert (done.run_id, done.status) == (cut.run_id, "done")
+    assert done.result is not None and done.result["answer"] == "HELIOTROPE"

@@ -1,7 +1,8 @@
 """The LangGraph CLI's in-memory dev server loads integrations/langgraph.json and serves.
 
 Starts ``langgraph dev`` on 127.0.0.1 in a subprocess (offline: no browser, no
-reload, analytics off), runs the graph through the LangGraph SDK's HTTP
+reload, analytics off; without ``--allow-blocking``, so that a blocking call on
+the server's event loop fails the run), runs the graph through the LangGraph SDK's HTTP
 client, and stops the server by its PID. The served graph's models are the
 repo's FakeOpenAIServer double on 127.0.0.1, reached through the server
 process's ``RLM_GRAPH_*`` environment.
@@ -21,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from rlm_graph.store import open_store
 from rlm_graph.testing import FakeOpenAIServer
 
 from ..conftest import numbered_paragraphs, text_reply
@@ -68,7 +70,6 @@ def dev_server(tmp_path):
                 str(port),
                 "--no-browser",
                 "--no-reload",
-                "--allow-blocking",
             ],
             cwd=tmp_path,
             env=env,
@@ -132,3 +133,9 @@ async def test_dev_server_serves_the_graph_from_langgraph_json(dev_server):
     assert state["values"]["answer"] == "HELIOTROPE", (
         "the server's checkpointer kept the run's state"
     )
+    async with open_store(os.environ["RLM_GRAPH_STORE"], create=False) as store:
+        [listed] = await store.list_runs()
+    assert listed.run_id == output["result"]["run_id"]
+    assert listed.status == "done"
+    assert listed.parent is not None
+    assert listed.parent["thread_id"] == thread["thread_id"]
