@@ -22,7 +22,12 @@ def main() -> None:
     source = sys.argv[1] if len(sys.argv) > 1 else BOOK
     result = run(QUESTION, [source], filter="sisters")
 
-    print(result.answer)
+    if result.status == "failed":
+        print("no answer: every part failed")
+    else:
+        print(result.answer)
+    for failure in result.failures:
+        print(f"  not answered: {failure.source} ({failure.reason[:80]})")
     for citation in result.citations:
         print(f"  {citation.source}:{citation.line}  {citation.quote[:80]!r}")
     print(f"[{result.status} · {result.usage.calls} calls · {result.elapsed_s:.1f}s]")

@@ -105,11 +105,12 @@ async def arun(
     engine = await asyncio.to_thread(
         prepare, question, paths, text=text, config=config, on_event=on_event, **settings
     )
+    engine.record_model = record_model
     async with open_store(store) as opened:
         result = await execute(engine, store=opened, run_id=run_id)
     if record_model is not None and result.kind == "schema" and result.answer:
-        # Records passed the schema's JSON check in verify; this gives them
-        # back as the caller's own type.
+        # Verify checked each record with the caller's class (a record it
+        # rejected was asked again); this gives them back as that type.
         result.answer = [record_model.model_validate(record) for record in result.answer]
     return result
 
@@ -350,10 +351,16 @@ def build_result(run_id: str, engine: Engine, outcome: Outcome, *, elapsed_s: fl
     source = engine.source
     answer = outcome.answer
     failures = [_failure(source, o) for o in _failed_leaves(outcome)]
+    unanswered = bool(failures) and not _answered_any(outcome)
+    if unanswered:
+        # No span was answered: there is no answer, not an empty one.
+        answer = None
     if outcome.status == "failed":
         status = "failed"
     elif any(failure.status == "stopped" for failure in failures):
         status = "stopped"
+    elif unanswered:
+        status = "failed"
     elif failures:
         status = "partial"
     else:
@@ -372,7 +379,10 @@ def build_result(run_id: str, engine: Engine, outcome: Outcome, *, elapsed_s: fl
         tree=_tree(source, outcome),
         plan=engine.plan.model_dump(mode="json"),
         elapsed_s=round(elapsed_s, 3),
-        models=dict(engine.client.models),
+        models={
+            role: name for role, name in engine.client.models.items()
+            if role != "judge" or engine.config.judge_model
+        },
         stop_reason=engine.client.budget.reason if status == "stopped" else None,
     )
 
@@ -406,12 +416,18 @@ def _configure(config: RunConfig | None, settings: dict[str, Any]) -> RunConfig:
     return config
 
 
+_SETTING_NAMES = {"answer_schema": "schema"}
+"""Settings named as the user passes them (``schema=``, ``--schema``)."""
+
+
 def _first_error(exc: ValueError) -> str:
     errors = getattr(exc, "errors", None)
     if callable(errors):
         first = errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return f"Invalid setting '{where}': {first.get('msg')}."
+        where = _SETTING_NAMES.get(where, where)
+        message = str(first.get("msg", "")).removeprefix("Value error, ").rstrip(".")
+        return f"Invalid setting '{where}': {message}."
     return str(exc)
 
 
@@ -644,6 +660,13 @@ def _citation(source: Source, start: int, end: int) -> Citation:
         line=location.line,
         quote=source.text[start:end],
     )
+
+
+def _answered_any(outcome: Outcome) -> bool:
+    """Whether some leaf was read and answered (skipped leaves were not read)."""
+    if not outcome.children:
+        return outcome.status == "done" and outcome.verdict != "skipped"
+    return any(_answered_any(child) for child in outcome.children)
 
 
 def _failed_leaves(outcome: Outcome) -> list[Outcome]:

@@ -89,12 +89,12 @@ def main() -> None:
 @click.option("--fan-in", type=int, help="Most answers one free-text merge call reads (default 8).")
 @click.option("--kind", type=click.Choice(["auto", "text", "short", "list", "count", "table", "yesno", "schema"]),
               help="Answer kind (default: the plan decides).")
-@click.option("--schema", "schema_file", type=click.Path(exists=True, dir_okay=False),
+@click.option("--schema", "schema_file", metavar="FILE",
               help="JSON Schema file of one record: the answer is a list of such records.")
 @click.option("--sub-question", help="What each piece is asked (default: the plan decides).")
 @click.option("--planner", type=click.Choice(["model", "rules"]),
               help="Who plans: the root model from a preview (default), or rules only.")
-@click.option("--judge-model", help="Judge model: checks each leaf answer against its span.")
+@click.option("--judge-model", help="Judge model: checks each leaf answer that found something against its span (not 'found nothing' answers). Default: no judge.")
 @click.option("--filter", help="Regex: skip parts of the source with no match, unread.")
 @_CONTEXT_WINDOW
 @click.option("--max-output-tokens", type=int, help="Output tokens reserved per call.")
@@ -333,7 +333,7 @@ def _finish(result: Any, as_json: bool) -> None:
               type=click.Choice(["needle", "count", "compare", "pairs", "multidoc"]),
               help="Task family (repeatable; default: needle).")
 @click.option("--sizes", default="8k,32k", show_default=True,
-              help="Comma-separated source sizes in tokens (k and m suffixes).")
+              help="Comma-separated source sizes in tokens (k and m suffixes), 1k to 10m.")
 @click.option("--method", "methods", multiple=True, type=click.Choice(["direct", "mapreduce", "rlm"]),
               help="Method (repeatable; default: all three).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generators.")
@@ -349,8 +349,8 @@ def _finish(result: Any, as_json: bool) -> None:
 @click.option("--concurrency", type=int, help="Most model calls in flight at once.")
 @click.option("--filter", "filter_", help="Pre-filter regex for rlm-graph and the map-reduce (not the direct call).")
 @click.option("--planner", type=click.Choice(["model", "rules"]), help="Who plans rlm-graph's runs (default: model).")
-@click.option("--chart", type=click.Path(dir_okay=False), help="Write a PNG chart here.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every row as JSON here.")
+@click.option("--chart", metavar="FILE", help="Write a PNG chart here.")
+@click.option("--json", "json_path", metavar="FILE", help="Write every row as JSON here.")
 @click.option("-v", "--verbose", count=True, help="-v: one line per method run.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def eval_command(
@@ -379,6 +379,16 @@ def eval_command(
             )
             raise ConfigError(msg)
         parsed_sizes, parsed_depths = _parse_sizes(sizes), _parse_depths(depths)
+        for flag, number in (
+            ("--straddle-tokens", straddle_tokens), ("--chunk-tokens", chunk_tokens),
+            ("--concurrency", concurrency), ("--context-window", context_window),
+        ):
+            if number is not None and number < 1:
+                msg = f"{flag} must be a whole number of at least 1, not {number}."
+                raise ConfigError(msg)
+        for flag, path in (("--chart", chart), ("--json", json_path)):
+            if path:
+                _check_writable(flag, path)
         _configure_logging(verbose, debug)
         from pathlib import Path
 
@@ -392,7 +402,7 @@ def eval_command(
         settings: dict[str, Any] = {
             key: value for key, value in
             {"chunk_tokens": chunk_tokens, "concurrency": concurrency, "filter": filter_,
-             "planner": planner}.items() if value
+             "planner": planner}.items() if value is not None
         }
         double = None
         if reading_double:
@@ -436,10 +446,35 @@ def eval_command(
 MIN_EVAL_TOKENS = 1_000
 """Smallest evaluation source: below it a generator cannot place its records,
 needle and decoys."""
+MAX_EVAL_TOKENS = 10_000_000
+"""Largest evaluation source (about 40 MB of text, generated in memory)."""
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """Refuse an output path that cannot be written, before any work."""
+    import os
+    from pathlib import Path
+
+    from rlm_graph.errors import ConfigError
+
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    problem = None
+    if target.is_dir():
+        problem = "is a folder"
+    elif not folder.is_dir():
+        problem = f"its folder {str(folder)!r} does not exist"
+    elif target.exists() and not os.access(target, os.W_OK):
+        problem = "is not writable"
+    elif not target.exists() and not os.access(folder, os.W_OK | os.X_OK):
+        problem = f"its folder {str(folder)!r} is not writable"
+    if problem:
+        msg = f"{flag} {path}: {problem}; give a file path that can be written."
+        raise ConfigError(msg)
 
 
 def _parse_sizes(text: str) -> list[int]:
-    """Sizes like ``8k,32k,1.5m``: whole token counts of at least 1k."""
+    """Sizes like ``8k,32k,1.5m``: whole token counts from 1k to 10m."""
     import re
 
     from rlm_graph.errors import ConfigError
@@ -463,6 +498,9 @@ def _parse_sizes(text: str) -> list[int]:
                 f"--sizes: {part!r} is too small or not whole; each size must be "
                 "at least 1k tokens."
             )
+            raise ConfigError(msg)
+        if tokens > MAX_EVAL_TOKENS:
+            msg = f"--sizes: {part!r} is too large; each size must be at most 10m tokens."
             raise ConfigError(msg)
         sizes.append(int(tokens))
     if not sizes:
@@ -854,7 +892,11 @@ def _print_estimate(engine: Any, as_json: bool) -> None:
 
 
 def _print_human(result: Any) -> None:
-    if result.kind == "list":
+    if result.status == "failed":
+        answer = "no answer: every part failed (see failures)"
+    elif result.status == "stopped" and result.answer is None and result.kind != "text":
+        answer = "no answer yet: the run stopped before any part was answered"
+    elif result.kind == "list":
         answer = "\n".join(f"- {item}" for item in result.answer or []) or "(nothing found)"
     elif result.kind == "table":
         answer = "\n".join(f"{label}: {n}" for label, n in (result.answer or {}).items()) or "(nothing found)"
@@ -893,6 +935,8 @@ def _print_human(result: Any) -> None:
             f"free) with: rlm-graph resume {result.run_id} and a larger budget",
             err=True,
         )
+    elif result.status == "failed":
+        click.echo(f"note: no part was answered; {len(result.failures)} part(s) failed.", err=True)
     elif result.status != "done":
         click.echo(f"note: this answer is {result.status}; {len(result.failures)} part(s) failed.", err=True)
     usage = result.usage

@@ -10,10 +10,10 @@ business and are read by LiteLLM itself.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
+import regex
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -44,9 +44,6 @@ class RunConfig(BaseSettings):
 
     worker_model: str | None = None
     """Worker model (leaf calls). Defaults to ``model``."""
-
-    judge_model: str | None = None
-    """Judge model (optional verification). Defaults to the root model."""
 
     router_config: Path | None = None
     """A LiteLLM proxy-style YAML file (``model_list``, ``router_settings``):
@@ -97,8 +94,9 @@ class RunConfig(BaseSettings):
     wrong fall back to rules), or the rules alone (no planning call)."""
 
     judge_model: str | None = None
-    """Judge model: checks each leaf answer against its span (one more call per
-    leaf). A LiteLLM name; none means no judge."""
+    """Judge model: checks each leaf answer that found something against its
+    span (one more call per such answer; "found nothing" answers are not
+    judged). A LiteLLM name (or a router group); none means no judge."""
 
     filter: str | None = None
     """Regular expression (case-insensitive): parts of the source with no match are
@@ -152,8 +150,8 @@ class RunConfig(BaseSettings):
     def _valid_regex(cls, value: str | None) -> str | None:
         if value:
             try:
-                re.compile(value)
-            except re.error as exc:
+                regex.compile(value)
+            except regex.error as exc:
                 msg = f"--filter {value!r} is not a valid regular expression: {exc}"
                 raise ValueError(msg) from exc
         return value or None
@@ -202,7 +200,8 @@ class RunConfig(BaseSettings):
 
     @property
     def judge(self) -> str:
-        """The model name used for the judge role."""
+        """Where the judge role routes: ``judge_model``, else the root model (no
+        judge call is made unless ``judge_model`` is set)."""
         return self.judge_model or self.root_model
 
     @property

@@ -115,7 +115,8 @@ class Result(_Record):
     """Depends on ``kind``: text; a list of strings; an integer; a
     ``{label: count}`` dict; True/False (False with ``found`` False when no
     evidence was found); a list of records (dicts valid under the schema).
-    With status ``partial`` it covers only the parts that were answered."""
+    With status ``partial`` it covers only the parts that were answered; with
+    status ``failed`` (no part answered) it is None for every kind."""
     found: bool = True
     """False when no part of the source answered the question."""
     citations: list[Citation] = Field(default_factory=list)
@@ -129,4 +130,4 @@ class Result(_Record):
     stop_reason: str | None = None
     """Which budget stopped the run, when ``status`` is stopped."""
     models: dict[str, str] = Field(default_factory=dict)
-    """Role to model name, as used."""
+    """Role to model name, as used (``judge`` only when a judge model ran)."""

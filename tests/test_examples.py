@@ -94,5 +94,11 @@ def test_python_api_example_runs_with_the_embedded_model(tmp_path):
 
     output = run_example("python_api.py", clean_env(), str(excerpt))
 
-    assert "[done · " in output
-    assert "tea_party.txt:" in output, "the answer is cited in the excerpt"
+    # The 135M model often invents its quote; such replies are rejected, so a
+    # run may fail, and then says so with each part's reason (never a citation).
+    if "[failed · " in output:
+        assert "no answer: every part failed" in output and "not answered:" in output
+        assert "tea_party.txt:" not in output
+    else:
+        assert "[done · " in output or "[partial · " in output
+        assert "tea_party.txt:" in output, "the answer is cited in the excerpt"

@@ -225,7 +225,7 @@ def test_yesno_merge_any_evidenced_yes_wins():
     assert merge_yesno([no, yes]).evidence == (ev(5, 15),)
 
 
-def test_records_merge_by_content_and_span():
+def test_records_merge_by_place_not_content():
     a = Record(data={"ticket": 1, "label": "refund"}, evidence=ev(0, 10))
     same_span = Record(data={"ticket": 1, "label": "Refund "}, evidence=ev(0, 10))
     same_data = Record(data={"ticket": 1, "label": "refund"}, evidence=ev(70, 80))
@@ -237,9 +237,11 @@ def test_records_merge_by_content_and_span():
             Answer(kind="schema", found=True, records=(same_span, same_data)),
         ]
     )
+    # The same place twice is one record; equal data at another place is another.
     assert merged.value == [
         {"ticket": 1, "label": "refund"},
         {"ticket": 3, "label": "refund"},
+        {"ticket": 1, "label": "refund"},
     ]
 
 

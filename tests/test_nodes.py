@@ -64,8 +64,14 @@ def test_verify_accepts_supported_answer_and_turns_quote_into_evidence():
     assert TEXT[evidence.start : evidence.end] == "It is always six o'clock now."
 
 
-def test_verify_locates_the_sentence_when_the_quote_is_not_verbatim():
+def test_verify_rejects_a_quote_that_is_not_in_the_span_however_right_the_answer():
     reply = json.dumps({"answer": "six o'clock", "quote": "the clock always shows six"})
+    verdict = verify_leaf(TEXT, task(), "text", completion(reply))
+    assert not verdict.ok and verdict.code == "no-evidence"
+
+
+def test_verify_locates_the_sentence_when_no_quote_is_given():
+    reply = json.dumps({"answer": "six o'clock", "quote": ""})
     verdict = verify_leaf(TEXT, task(), "text", completion(reply))
     assert verdict.ok
     assert "six o'clock" in verdict.answer.evidence[0].quote

@@ -1,7 +1,9 @@
 """Run methods over generated instances, score them, print a table, draw a chart.
 
-Scoring is exact: a needle answer must contain the planted code; a count must
-equal the planted count; a comparison must name the more common label; a list
+Scoring is exact: a needle answer's only code (run of four or more digits)
+must be the planted code, so a decoy's code or a longer number is wrong; a
+count must equal the planted count; a comparison must name one winning label,
+the more common one; a list
 scores the Jaccard overlap of its set with the true set (1.0 only when equal).
 A method that fails scores 0.
 """
@@ -61,7 +63,10 @@ def score(instance: Instance, answer: Any) -> float:
         return 0.0
     expected = instance.expected
     if instance.family == "needle":
-        return float(str(expected) in str(answer))
+        # The answer's code: its one run of four or more digits. Any other
+        # such run (a decoy's code, "993749") makes the answer wrong.
+        codes = set(re.findall(r"(?<!\d)\d{4,}(?!\d)", str(answer)))
+        return float(codes == {str(expected)})
     if instance.family in ("count", "multidoc"):
         return float(_as_int(answer) == expected)
     if instance.family == "compare":
@@ -219,14 +224,37 @@ def _as_int(answer: Any) -> int | None:
 
 
 def _named_label(answer: Any, labels: list[str]) -> str | None:
-    """The label an answer says is more common: the larger count of a table, or
-    the first label named in a text."""
+    """The one label an answer says is more common, or None when it names no
+    single winner: the strictly larger count of a table; in a text, the only
+    label named, or the one said to be "more"/"most" common."""
     if isinstance(answer, dict):
         known = {k: v for k, v in answer.items() if k in labels}
-        return max(known, key=lambda k: known[k]) if known else None
+        return _strict_max(known)
     text = str(answer).casefold()
     table = dict(re.findall(r"(\w+): (\d+)", text))
     if all(label in table for label in labels):
-        return max(labels, key=lambda label: int(table[label]))
-    named = [(text.find(label), label) for label in labels if label in text]
-    return min(named)[1] if named else None
+        return _strict_max({label: int(table[label]) for label in labels})
+    named = [label for label in labels if re.search(rf"\b{re.escape(label)}\b", text)]
+    if len(named) == 1:
+        return named[0]
+    said = {
+        label: {m.group(1) for m in re.finditer(
+            rf"\b{re.escape(label)}\b[^.;]*?\b(more|most|less|fewer|least)\b", text
+        )}
+        for label in named
+    }
+    winners = [label for label, words in said.items() if words & {"more", "most"}]
+    losers = [label for label, words in said.items() if words & {"less", "fewer", "least"}]
+    if len(winners) == 1 and not losers:
+        return winners[0]
+    if len(losers) == 1 and not winners and len(named) == 2:
+        return next(label for label in named if label not in losers)
+    return None
+
+
+def _strict_max(counts: dict[str, Any]) -> str | None:
+    if not counts:
+        return None
+    best = max(counts.values())
+    winners = [label for label, n in counts.items() if n == best]
+    return winners[0] if len(winners) == 1 else None

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from rlm_graph.config import RunConfig
 from rlm_graph.eval.generators import Instance
+from rlm_graph.filtering import compile_filter, filter_matches
 from rlm_graph.models import Completion, ModelClient
 from rlm_graph.nodes.plan import make_plan
 from rlm_graph.nodes.prompts import leaf_messages, merge_messages, schema_for
@@ -139,8 +140,11 @@ async def _mapreduce(
         hard_boundaries=source.file_starts,
     )
     if config.filter:
-        wanted = re.compile(config.filter, re.IGNORECASE)
-        matching = [(a, b) for a, b in spans if wanted.search(source.text, a, b)]
+        wanted = compile_filter(config.filter)
+        try:
+            matching = [(a, b) for a, b in spans if filter_matches(wanted, source.text, a, b)]
+        except TimeoutError:
+            matching = []  # a filter that backtracks past its cap means no filter
         spans = matching or spans  # a filter that drops everything means no filter
     completions = await asyncio.gather(
         *(

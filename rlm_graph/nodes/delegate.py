@@ -20,8 +20,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from pydantic import BaseModel
+
 from rlm_graph.config import RunConfig
 from rlm_graph.errors import BudgetExceeded, ContextWindowError, ModelCallError
+from rlm_graph.filtering import FILTER_SECONDS, compile_filter, filter_matches
 from rlm_graph.models import Completion, ModelClient, Role
 from rlm_graph.nodes.merge import (
     dedupe_text,
@@ -151,7 +154,10 @@ class Engine:
         self.plan = plan
         self.client = client
         self._listeners: list[Callable[[Event], None]] = [emit] if emit else []
-        self._filter = re.compile(plan.filter, re.IGNORECASE) if plan.filter else None
+        self._filter = compile_filter(plan.filter) if plan.filter else None
+        self.record_model: type[BaseModel] | None = None
+        """The caller's pydantic class of one record (Python API): verify checks
+        each record with it, so a record it rejects is asked again."""
         self.call: CallFn = self.call_model
         """How stages call a model; the graph swaps in a durable task."""
         self.spawn: SpawnFn = self.solve
@@ -171,7 +177,7 @@ class Engine:
     def adopt_plan(self, plan: Plan) -> None:
         """Use ``plan`` from now on (after the root model planned, or on resume)."""
         self.plan = plan
-        self._filter = re.compile(plan.filter, re.IGNORECASE) if plan.filter else None
+        self._filter = compile_filter(plan.filter) if plan.filter else None
         # The leaf cut and the tree depend on the plan's leaf size and fan-out.
         for cached in ("leaf_spans", "_leaf_tokens", "_levels"):
             self.__dict__.pop(cached, None)
@@ -291,7 +297,17 @@ class Engine:
         """Whether a task's span may matter: it matches the plan's pre-filter."""
         if self._filter is None:
             return True
-        return self._filter.search(self.source.text, task.start, task.end) is not None
+        try:
+            return filter_matches(self._filter, self.source.text, task.start, task.end)
+        except TimeoutError:
+            # The plan's check passed, but this span makes the pattern backtrack:
+            # stop filtering (one time cap per run, never a hang) and read it.
+            logger.warning(
+                "filter %r took more than %g s on one span; reading every span",
+                self.plan.filter, FILTER_SECONDS,
+            )
+            self._filter = None
+            return True
 
     def can_split_finer(self, task: Task, verdict: str = "context-window") -> bool:
         """Whether a failing leaf may still be cut into smaller pieces.
@@ -375,7 +391,8 @@ class Engine:
             return Decision("fail", verdict="failed", reason=result.message)
 
         verdict: Verdict = verify_leaf(
-            self.source.text, task, self.plan.kind, result.completion, self.plan.record_schema
+            self.source.text, task, self.plan.kind, result.completion, self.plan.record_schema,
+            record_model=self.record_model,
         )
         if verdict.ok:
             return Decision("accept", answer=verdict.answer, verdict="ok")
@@ -619,7 +636,9 @@ class Engine:
                     "verdict": f"split-after-{decision.verdict}", "attempts": attempts,
                     "judge": decision.judge,
                 })
-        logger.warning("task %s failed: %s", task.id, decision.reason)
+        # Info, not a warning: the result lists every failure, and the CLI
+        # prints each once ("warning: part ...").
+        logger.info("task %s failed: %s", task.id, decision.reason)
         return Outcome(
             task=task, status="failed", verdict=decision.verdict,
             reason=decision.reason, attempts=attempts, judge=decision.judge,

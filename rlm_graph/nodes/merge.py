@@ -16,9 +16,12 @@ from __future__ import annotations
 import bisect
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
-from rlm_graph.nodes.types import Answer, Evidence, Item, Outcome, Record, Row
+from rlm_graph.nodes.types import Answer, Evidence, Outcome, Row
+
+_T = TypeVar("_T")
 
 __all__ = [
     "dedupe_text",
@@ -40,21 +43,15 @@ def usable_answers(children: list[Outcome] | tuple[Outcome, ...]) -> list[Answer
 
 
 def merge_list(answers: list[Answer]) -> Answer:
-    """Union of list answers: items de-duplicated by name and by evidence span."""
-    items: list[Item] = []
-    names: set[str] = set()
-    spans: set[tuple[int, int]] = set()
-    for answer in answers:
-        for item in answer.items:
-            name = _normal(item.text)
-            where = (item.evidence.start, item.evidence.end) if item.evidence else None
-            if name in names or (where is not None and where in spans):
-                continue
-            names.add(name)
-            if where is not None:
-                spans.add(where)
-            items.append(item)
+    """Union of list answers, de-duplicated by where each item's evidence sits.
 
+    An item two overlapping spans both quoted is kept once; equal names quoted
+    at distinct places are distinct items, so the result does not depend on
+    how the source was cut. Items without evidence match by name.
+    """
+    items = _distinct_by_place(
+        [list(answer.items) for answer in answers], lambda item: item.evidence, lambda item: item.text
+    )
     evidence = tuple(item.evidence for item in items if item.evidence)
     return Answer(kind="list", found=bool(items), items=tuple(items), evidence=evidence)
 
@@ -105,21 +102,17 @@ def merge_yesno(answers: list[Answer]) -> Answer:
 
 
 def merge_records(answers: list[Answer]) -> Answer:
-    """Union of schema records, de-duplicated by evidence span and by content."""
-    records: list[Record] = []
-    contents: set[str] = set()
-    spans: set[tuple[int, int]] = set()
-    for answer in answers:
-        for record in answer.records:
-            content = json.dumps(record.data, sort_keys=True, default=str).casefold()
-            where = (record.evidence.start, record.evidence.end) if record.evidence else None
-            if content in contents or (where is not None and where in spans):
-                continue
-            contents.add(content)
-            if where is not None:
-                spans.add(where)
-            records.append(record)
+    """Union of schema records, de-duplicated by where their evidence sits.
 
+    Equal records quoted at distinct places are distinct records (three
+    ``user=alice action=login`` lines are three); a record two overlapping
+    spans both quoted is kept once. Records without evidence match by content.
+    """
+    records = _distinct_by_place(
+        [list(answer.records) for answer in answers],
+        lambda record: record.evidence,
+        lambda record: json.dumps(record.data, sort_keys=True, default=str),
+    )
     evidence = tuple(r.evidence for r in records if r.evidence)
     return Answer(kind="schema", found=bool(records), records=tuple(records), evidence=evidence)
 
@@ -188,6 +181,42 @@ def merge_evidence(answers: list[Answer]) -> tuple[Evidence, ...]:
         for evidence in answer.evidence:
             seen.setdefault((evidence.start, evidence.end), evidence)
     return tuple(sorted(seen.values(), key=lambda e: e.start))
+
+
+def _distinct_by_place(
+    parts: list[list[_T]],
+    where: Callable[[_T], Evidence | None],
+    content: Callable[[_T], str],
+) -> list[_T]:
+    """Entries of several parts, each occurrence once.
+
+    An entry is dropped when its evidence quotes again an occurrence an earlier
+    part kept (the rule counts use, matched one to one); a part's own entries
+    are distinct occurrences (verify places them apart) and are all kept.
+    """
+    kept: list[_T] = []
+    seen = _Occurrences()
+    contents: set[str] = set()
+    for part in parts:
+        matched: set[int] = set()
+        fresh: list[Evidence] = []
+        for entry in part:
+            evidence = where(entry)
+            if evidence is None:
+                key = _normal(content(entry))
+                if key not in contents:
+                    contents.add(key)
+                    kept.append(entry)
+                continue
+            twin = seen.find(evidence, exclude=matched)
+            if twin is None:
+                fresh.append(evidence)
+                kept.append(entry)
+            else:
+                matched.add(twin)
+        for evidence in fresh:
+            seen.add(evidence)
+    return kept
 
 
 def _sum_distinct(

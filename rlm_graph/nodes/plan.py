@@ -26,8 +26,11 @@ import math
 import re
 from typing import Any
 
+import regex
+
 from rlm_graph.config import RunConfig
 from rlm_graph.errors import ConfigError
+from rlm_graph.filtering import FILTER_SECONDS, compile_filter, filter_matches
 from rlm_graph.nodes.prompts import leaf_messages, schema_for
 from rlm_graph.nodes.types import Kind, Plan, Task
 from rlm_graph.source import Source
@@ -307,8 +310,23 @@ def piece_budget(plan: Plan, task: Task) -> int:
 
 
 def _usable_filter(pattern: str | None, source: Source) -> str | None:
-    """The pre-filter, unless it would skip the whole source (then no filter)."""
-    if pattern and not re.search(pattern, source.text, re.IGNORECASE):
+    """The user's pre-filter, unless it would skip the whole source (then no
+    filter). A filter that matches only file header lines matches nowhere.
+
+    Raises:
+        ConfigError: searching the source took longer than the time cap.
+    """
+    if not pattern:
+        return None
+    try:
+        found = filter_matches(compile_filter(pattern), source.text)
+    except TimeoutError:
+        msg = (
+            f"--filter {pattern!r} took more than {FILTER_SECONDS:g} s to search the "
+            "source (nested repeats such as (a+)+ backtrack); use a simpler pattern."
+        )
+        raise ConfigError(msg) from None
+    if not found:
         logger.warning("filter %r matches nowhere in the source; reading everything", pattern)
         return None
     return pattern
@@ -349,10 +367,14 @@ def _check_filter(rules: Plan, value: Any, source: Source) -> tuple[Any, str | N
     if not pattern:
         return None, None
     try:
-        compiled = re.compile(pattern, re.IGNORECASE)
-    except re.error:
+        compiled = compile_filter(pattern)
+    except regex.error:
         return None, f"{pattern!r} is not a regular expression"
-    if compiled.search(source.text) is None:
+    try:
+        found = filter_matches(compiled, source.text)
+    except TimeoutError:
+        return None, f"{pattern!r} took more than {FILTER_SECONDS:g} s to search (dropped)"
+    if not found:
         # Safety rule: a filter that would skip every span means no filter.
         return None, f"{pattern!r} matches nowhere (reading everything)"
     return pattern, None

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import regex
+from pydantic import BaseModel, ValidationError
 
 from rlm_graph.models import Completion
 from rlm_graph.nodes.prompts import LIST_MAX_ITEMS, evidence_field
@@ -72,6 +73,8 @@ def verify_leaf(
     kind: Kind,
     completion: Completion,
     record_schema: dict[str, Any] | None = None,
+    *,
+    record_model: type[BaseModel] | None = None,
 ) -> Verdict:
     """Check a leaf's reply against its span and turn it into a typed answer.
 
@@ -81,6 +84,8 @@ def verify_leaf(
         kind: the answer kind the plan asked for.
         completion: the model's reply.
         record_schema: the user's schema of one record (``schema`` kind only).
+        record_model: the user's pydantic class of one record, when given: a
+            record its validators reject is malformed, with their message.
     """
     if completion.finish_reason == "length":
         return Verdict(False, "truncated", feedback="Your reply was cut off. Answer briefly.")
@@ -96,7 +101,9 @@ def verify_leaf(
         return Verdict(False, "malformed", feedback="Reply with one JSON object only.")
     try:
         if kind == "schema":
-            return _check_schema(text, task, data, record_schema or {"type": "object"})
+            return _check_schema(
+                text, task, data, record_schema or {"type": "object"}, record_model
+            )
         return _CHECKS[kind](text, task, data)
     except _Malformed as exc:
         return Verdict(False, "malformed", feedback=str(exc))
@@ -285,10 +292,22 @@ def _check_text(text: str, task: Task, data: dict[str, Any]) -> Verdict:
             ),
         )
 
-    evidence = locate_quote(text, task.start, task.end, quote)
-    if evidence is not None and not supports(evidence.quote, answer, task.question):
-        evidence = None
-    evidence = evidence or locate_answer(text, task.start, task.end, answer, task.question)
+    if quote.strip():
+        # A quote that was given must be found and must back the answer; a
+        # looser search would turn an invented quote into evidence.
+        evidence = locate_quote(text, task.start, task.end, quote)
+        if evidence is not None and not supports(evidence.quote, answer, task.question):
+            return Verdict(
+                False, "no-evidence",
+                feedback=(
+                    "Your quote does not state your answer. Copy the sentence of the "
+                    "excerpt that states it, exactly as written, or set relevant to "
+                    "false if the excerpt does not answer the question."
+                ),
+            )
+    else:
+        # No quote at all: the sentence of the span holding the answer's words.
+        evidence = locate_answer(text, task.start, task.end, answer, task.question)
     if evidence is None:
         return Verdict(
             False, "no-evidence",
@@ -480,7 +499,13 @@ def _check_yesno(text: str, task: Task, data: dict[str, Any]) -> Verdict:
     return Verdict(True, "ok", Answer(kind="yesno", found=True, flag=flag, evidence=(evidence,)))
 
 
-def _check_schema(text: str, task: Task, data: dict[str, Any], record_schema: dict[str, Any]) -> Verdict:
+def _check_schema(
+    text: str,
+    task: Task,
+    data: dict[str, Any],
+    record_schema: dict[str, Any],
+    record_model: type[BaseModel] | None = None,
+) -> Verdict:
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(record_schema)
@@ -501,6 +526,13 @@ def _check_schema(text: str, task: Task, data: dict[str, Any], record_schema: di
                 False, "malformed",
                 feedback=f"records[{index}].{where}: {error.message}. Follow the schema.",
             )
+        if record_model is not None:
+            problem = _model_rejects(record_model, fields)
+            if problem is not None:
+                return Verdict(
+                    False, "malformed",
+                    feedback=f"records[{index}]: {problem}. Follow the schema.",
+                )
         quote = str(entry.get(field) or "")
         evidence = locate_quote(text, task.start, task.end, quote, claims)
         if evidence is None:
@@ -517,6 +549,17 @@ def _check_schema(text: str, task: Task, data: dict[str, Any], record_schema: di
         )
     evidence = tuple(r.evidence for r in records if r.evidence)
     return Verdict(True, "ok", Answer(kind="schema", found=bool(records), records=tuple(records), evidence=evidence))
+
+
+def _model_rejects(record_model: type[BaseModel], fields: dict[str, Any]) -> str | None:
+    """Why the user's class rejects a record (its first error), or None."""
+    try:
+        record_model.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "(record)"
+        return f"{where}: {first.get('msg', 'invalid')}"[:300]
+    return None
 
 
 def _required(data: dict[str, Any], key: str, kind: type, shape: str) -> Any:
