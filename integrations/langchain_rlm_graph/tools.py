@@ -20,7 +20,7 @@ from langchain_rlm_graph._common import (
     blocking,
     check_paths,
 )
-from rlm_graph import ConfigError, ModelCallError, Result, RunConfig, SourceError, arun
+from rlm_graph import Result, RlmGraphError, RunConfig, arun
 from rlm_graph.chat import answer_text
 
 __all__ = ["RlmGraphTool"]
@@ -134,5 +134,7 @@ class RlmGraphTool(BaseTool):
                 **self.settings,
             )
             return answer_text(result, with_citations=self.with_citations), result
-        except (ConfigError, SourceError, ModelCallError, ValueError) as exc:
+        except (RlmGraphError, ValueError) as exc:
+            # Every error of the product (a bad path, a model that failed, a store
+            # that cannot be used, a run that is busy) goes back to the agent.
             raise ToolException(str(exc)) from exc

@@ -249,3 +249,16 @@ def test_chat_model_single_message_and_errors(scripted):
         llm.invoke("What is the secret code word?")
     with pytest.raises(NotImplementedError):
         llm.bind_tools([RlmGraphTool()])
+
+
+def test_tool_returns_a_store_error_to_the_agent_instead_of_raising(scripted, tmp_path):
+    double = scripted(text_reply(r"(x)"))
+    not_a_store = tmp_path / "notes.sqlite"
+    not_a_store.write_text("these are my notes, not a database\n", encoding="utf-8")
+    tool = RlmGraphTool(store=str(not_a_store), **SETTINGS)
+
+    message = tool.invoke({"question": "Q?", "text": "Some text to read."})
+
+    assert "is not an rlm-graph store" in message
+    assert double.requests == []
+    assert not_a_store.read_text(encoding="utf-8") == "these are my notes, not a database\n"
