@@ -768,6 +768,12 @@ class Pacer:
         self._stamp = clock()
         self._lock = asyncio.Lock()
 
+    def delay(self, amount: float) -> float:
+        """Seconds ``amount`` would wait if asked now (others waiting not counted)."""
+        level = min(self.burst, self._level + (self._clock() - self._stamp) * self.rate_per_s)
+        need = min(amount, self.burst)
+        return max(need - level, 0.0) / self.rate_per_s
+
     async def take(self, amount: float) -> float:
         """Wait until ``amount`` may pass, then take it; returns seconds waited."""
         waited = 0.0

@@ -66,6 +66,8 @@ MIN_MASKED_KEY_CHARS = 4
 DEFAULT_RATE_LIMIT_PAUSE_S = 1.0
 """How long a quota pauses after a 429 that gave no Retry-After."""
 QUOTA_MARGIN_S = 0.02
+LONG_PACE_WAIT_S = 5.0
+"""A pacing wait at least this long is logged (at info) before it starts."""
 """Extra wait after a quota pause, so that the Router's cooldown of the same
 length (started a moment later) is over too and it does not refuse the call."""
 MAX_LOCAL_REFUSALS = 8
@@ -397,6 +399,12 @@ class ModelClient:
                 await budget.within_time(limits.parallel.acquire(), limits.parallel.release)
                 held.callback(limits.parallel.release)
             await self._wait_for_quota(role, name, group)
+            delay, limit = limits.pace_delay(estimate)
+            if delay >= LONG_PACE_WAIT_S:
+                logger.info(
+                    "%s call to %s: waiting %.0f s for the group's %s pace "
+                    "(a bucket in debt after a larger request)", role, name, delay, limit,
+                )
             await budget.within_time(limits.pace(estimate))
             await budget.within_time(self._semaphore.acquire(), self._semaphore.release)
             held.callback(self._semaphore.release)
@@ -704,6 +712,12 @@ class _GroupLimits:
         # A bucket holding one second's worth: steady pacing, no minute-long bursts.
         self._rpm = Pacer(group.rpm / 60, group.rpm / 60) if group.rpm else None
         self._tpm = Pacer(group.tpm / 60, group.tpm / 60) if group.tpm else None
+
+    def pace_delay(self, tokens: int) -> tuple[float, str]:
+        """The longer of the rpm and tpm waits a request of ``tokens`` faces now."""
+        rpm = self._rpm.delay(1) if self._rpm is not None else 0.0
+        tpm = self._tpm.delay(tokens) if self._tpm is not None else 0.0
+        return (rpm, "rpm") if rpm >= tpm else (tpm, "tpm")
 
     async def pace(self, tokens: int) -> None:
         """Wait until the group's rpm and tpm allow one more request of ``tokens``."""

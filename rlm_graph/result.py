@@ -37,7 +37,9 @@ class Usage(_Record):
     """Model calls sent (retries of one call count once each attempt). An
     attempt the Router refused before sending anything is not a call."""
     cached_calls: int = 0
-    """Calls answered from the call log instead of the model."""
+    """Calls answered from the call log instead of the model, summed over the
+    run's sessions: a resume answers from the log the calls earlier sessions
+    paid for, and counts them here again (``calls`` is what was paid)."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
