@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -99,6 +100,8 @@ class Completion:
     model: str = ""
     refusal: str | None = None
     cached: bool = False
+    paid_by: str = ""
+    """``run id/session`` of the session that paid for it, when a run did."""
 
     @property
     def total_tokens(self) -> int:
@@ -204,6 +207,9 @@ class ModelClient:
         self._semaphore = asyncio.Semaphore(config.concurrency)
         self._gates = QuotaGates()
         self._group_limits = {name: _GroupLimits(g) for name, g in self.table.groups.items()}
+        self.run_id: str | None = None
+        """The run this client's calls belong to (set when a run starts)."""
+        self._session = uuid.uuid4().hex[:12]
         self._rejected: dict[str, ModelCallError] = {}
         """Groups whose server rejected the key (401/403), with the error."""
         self.router = litellm.Router(
@@ -271,7 +277,8 @@ class ModelClient:
         recorded = await self.call_log.get(key)
         if recorded is not None:
             completion = _replace(recorded, cached=True)
-            self.usage.cached_calls += 1
+            if not self._paid_earlier_in_this_run(recorded):
+                self.usage.cached_calls += 1
             self._notify(role, completion)
             return completion
 
@@ -279,6 +286,17 @@ class ModelClient:
         self._notify(role, completion)
 
         return completion
+
+    def _paid_earlier_in_this_run(self, recorded: Completion) -> bool:
+        """Whether an earlier session of this run paid for a recorded call.
+
+        A resume replays those from the log; they were counted as paid in
+        ``calls`` by that session, and are not counted again as cached.
+        """
+        if self.run_id is None or not recorded.paid_by:
+            return False
+        run_id, _, session = recorded.paid_by.rpartition("/")
+        return run_id == self.run_id and session != self._session
 
     async def _send_routed(
         self, role: Role, messages: list[dict[str, str]], params: dict[str, Any], key: str
@@ -430,6 +448,8 @@ class ModelClient:
             # A reply no run could use (empty, refused, not the JSON asked
             # for) is not recorded: once the server is fixed, it is asked again.
             if _usable(completion, params):
+                if self.run_id is not None:
+                    completion = _replace(completion, paid_by=f"{self.run_id}/{self._session}")
                 await self.call_log.put(key, completion)
         logger.debug(
             "%s call to %s: %d+%d tokens, %s, %.2f s", role, name,

@@ -255,3 +255,30 @@ def test_cli_rejected_key_exits_3_and_json_prints_the_failure(tmp_path, debug):
     assert data["status"] == "failed"
     assert "rejected the API key" in data["error"]
     assert KEY not in result.stdout + result.stderr
+
+
+async def test_usage_counts_each_paid_call_once_across_resumes(tmp_path):
+    from rlm_graph import api
+
+    text = numbered_paragraphs(40, needle_at={5: "The visitor named Ada arrived."})
+    store = str(tmp_path / "s.sqlite")
+    with FakeOpenAIServer(list_reply(r"The visitor named (\w+) arrived\.")) as server:
+        settings = {
+            "model": "openai/m", "api_base": server.api_base, "api_key": KEY,
+            "context_window": 4096, "chunk_tokens": 200, "planner": "rules",
+            "concurrency": 2,
+        }
+        first = await api.arun(
+            "List every visitor named in the text.", text=text, store=store,
+            run_id="counted", max_calls=3, **settings,
+        )
+        second = await api.aresume("counted", store=store, max_calls=3, api_key=KEY)
+        third = await api.aresume("counted", store=store, max_calls=10_000, api_key=KEY)
+        sent = len(server.requests)
+
+    assert first.status == second.status == "stopped"
+    assert third.status == "done"
+    assert third.answer == ["Ada"]
+    # Replays of calls earlier sessions paid for are neither paid nor cached again.
+    assert third.usage.calls == sent
+    assert third.usage.cached_calls == 0
