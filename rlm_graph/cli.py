@@ -88,7 +88,7 @@ def main() -> None:
 @_CONCURRENCY
 @click.option("--fan-out", type=int, help="Most child spans one split makes (default 8).")
 @click.option("--fan-in", type=int, help="Most answers one free-text merge call reads (default 8).")
-@click.option("--kind", type=click.Choice(["auto", "text", "list", "count", "table", "yesno", "schema"]),
+@click.option("--kind", type=click.Choice(["auto", "text", "short", "list", "count", "table", "yesno", "schema"]),
               help="Answer kind (default: the plan decides).")
 @click.option("--schema", "schema_file", type=click.Path(exists=True, dir_okay=False),
               help="JSON Schema file of one record: the answer is a list of such records.")
@@ -880,7 +880,7 @@ def _print_human(result: Any) -> None:
     elif result.kind == "schema":
         records = [json.dumps(r, ensure_ascii=False) for r in result.answer or []]
         answer = "\n".join(records) or "(nothing found)"
-    elif not result.found and result.kind == "text":
+    elif not result.found and result.kind in ("text", "short"):
         answer = "(no part of the source answered the question)"
     else:
         answer = str(result.answer)

@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["AnswerKind", "RunConfig"]
 
-AnswerKind = Literal["auto", "text", "list", "count", "table", "yesno", "schema"]
+AnswerKind = Literal["auto", "text", "short", "list", "count", "table", "yesno", "schema"]
 
 
 class RunConfig(BaseSettings):

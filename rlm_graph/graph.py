@@ -27,7 +27,7 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
 
 from rlm_graph.models import Role
-from rlm_graph.nodes.delegate import CallResult, Decision, Engine
+from rlm_graph.nodes.delegate import SIZE_VERDICTS, CallResult, Decision, Engine
 from rlm_graph.nodes.types import Outcome, Plan, Task
 
 __all__ = ["RunState", "build_graph", "outcome_of", "pack_outcome", "unpack_outcome"]
@@ -44,6 +44,11 @@ class RunState(TypedDict, total=False):
     """Child tasks made by split; empty when the root is one leaf call."""
     finer: bool
     """Split again, finer, after the root's leaf call failed."""
+    rejected: bool
+    """That failure was a rejected answer, not a size problem (see
+    :meth:`Engine.can_split_finer`)."""
+    focused: bool
+    """The root's leaf was already asked about the sentence a reply pointed at."""
     attempts: int
     re_asks: int
     feedback: str | None
@@ -114,6 +119,8 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
         # tens of MB): in a thread, so the event loop serves others meanwhile.
         # Nothing else of this run touches the engine during this stage.
         children = await asyncio.to_thread(engine.split, root, finer=state.get("finer", False))
+        if state.get("rejected"):
+            children = [c.model_copy(update={"rejected_splits": 1}) for c in children]
         return {"children": [c.model_dump(mode="json") for c in children]}
 
     async def delegate(state: RunState) -> dict[str, Any]:
@@ -142,15 +149,21 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
             root, CallResult.from_dict(state["reply"] or {}),
             max_tokens=state["max_tokens"], re_asks=state.get("re_asks", 0),
         )
+        update: dict[str, Any] = {}
+        if decision.focus is not None and not state.get("focused"):
+            decision = await engine.focus(root, decision, max_tokens=state["max_tokens"])
+            update = {"focused": True, "attempts": state.get("attempts", 0) + 1}
         decision = await engine.judge(root, decision, re_asks=state.get("re_asks", 0))
         if decision.action == "retry":
             return Command(goto="delegate", update={
-                "feedback": decision.feedback, "max_tokens": decision.max_tokens,
+                **update, "feedback": decision.feedback, "max_tokens": decision.max_tokens,
                 "re_asks": state.get("re_asks", 0) + (1 if decision.feedback else 0),
             })
         if decision.action == "split" and not state.get("finer"):
-            return Command(goto="split", update={"finer": True})
-        return Command(goto="merge", update={"decision": _decision_dict(decision)})
+            return Command(goto="split", update={
+                **update, "finer": True, "rejected": decision.verdict not in SIZE_VERDICTS,
+            })
+        return Command(goto="merge", update={**update, "decision": _decision_dict(decision)})
 
     async def merge(state: RunState) -> dict[str, Any]:
         _follow_plan(state)

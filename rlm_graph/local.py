@@ -598,10 +598,20 @@ def _grammar_source(response_format: Any, model: str) -> str | None:
         raise LocalModelError(msg, model=model) from exc
 
 
+# llama-cpp-python's schema converter lets a JSON string hold raw control
+# characters (its char rule is [^"\\]), which JSON forbids. SmolLM2-135M used
+# that room: 3 of 16 leaf replies broke out of a string with a raw newline and
+# "}" and failed to parse (benchmarks/embedded_leaf.py). llama.cpp's own
+# converter excludes them; so does this.
+_LOOSE_CHAR = r'char ::= [^"\\] |'
+_JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
+
+
 @functools.lru_cache(maxsize=64)
 def _schema_grammar(schema_json: str) -> str:
     # json.dumps keeps the schema's property order, which becomes the output's order.
-    return str(_llama_cpp().llama_grammar.json_schema_to_gbnf(schema_json))
+    grammar = str(_llama_cpp().llama_grammar.json_schema_to_gbnf(schema_json))
+    return grammar.replace(_LOOSE_CHAR, _JSON_CHAR)
 
 
 def _check_window(request: _Request, prompt_tokens: int, window: int) -> int:

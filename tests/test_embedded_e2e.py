@@ -67,7 +67,7 @@ async def test_embedded_model_plans_or_falls_back_to_rules_safely(excerpt):
     plan = result.plan
     assert plan is not None
     assert plan["made_by"] == "model" or plan["made_by"].startswith(("model (rules kept", "rules ("))
-    assert plan["kind"] in ("text", "list", "count", "table", "yesno")
+    assert plan["kind"] in ("text", "short", "list", "count", "table", "yesno")
     assert plan["leaf_tokens"] == 400, "a flag's value is never replaced by the model"
     text = excerpt.read_text()
     if plan["filter"]:
@@ -77,3 +77,27 @@ async def test_embedded_model_plans_or_falls_back_to_rules_safely(excerpt):
     assert result.status in ("done", "partial")
     for citation in result.citations:
         assert text[citation.start : citation.end] == citation.quote
+
+
+@pytest.mark.embedded
+async def test_embedded_model_finds_a_planted_code_as_a_short_answer():
+    """A code planted in 300 tokens of the book, with a decoy of another colour.
+    Over the whole span the 135M model copies only the start of the sentence
+    ("The secret code for the ivory door"); asked about that sentence alone it
+    gives the code (benchmarks/embedded_leaf.py, case c00)."""
+    text = BOOK.read_text()
+    start = text.index("Alice was beginning to get very tired")
+    prose = text[start : start + 1200]
+    cut = prose.index("\n\n", 500)
+    haystack = (
+        prose[:cut] + "\n\nThe secret code for the ivory door is 5311.\n\n"
+        + "The secret code for the teal door is 2870.\n\n" + prose[cut + 2 :]
+    )
+    result = await arun("What is the secret code for the ivory door?", text=haystack, kind="short",
+                        planner="rules")
+
+    assert result.found and "5311" in str(result.answer)
+    assert result.tree.verdict == "ok-focused" and result.usage.calls == 2
+    (citation,) = result.citations
+    assert citation.quote == "The secret code for the ivory door is 5311."
+    assert haystack[citation.start : citation.end] == citation.quote

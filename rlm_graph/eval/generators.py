@@ -49,7 +49,7 @@ CHARS_PER_TOKEN = 4.0
 4.1); sizes are targets in tokens, met within a few per cent."""
 
 TaskFamily = Literal["needle", "count", "compare", "pairs", "multidoc"]
-AnswerKind = Literal["text", "list", "count", "table", "yesno"]
+AnswerKind = Literal["text", "short", "list", "count", "table", "yesno"]
 
 _BOOK = Path(__file__).resolve().parents[2] / "examples" / "alice_in_wonderland.txt"
 _LABELS = ("refund", "shipping", "billing", "login", "warranty", "delivery")
@@ -161,7 +161,7 @@ def needle_task(
             + (f"-x{straddle_tokens}" if straddle_tokens else ""),
             files={"haystack.txt": text},
             question=f"What is the secret code for the {colour} {place}?",
-            kind="text",
+            kind="short",
             expected=code,
             target_tokens=tokens,
             seed=seed,

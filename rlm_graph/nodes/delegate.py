@@ -25,6 +25,7 @@ from rlm_graph.errors import BudgetExceeded, ContextWindowError, ModelCallError
 from rlm_graph.models import Completion, ModelClient, Role
 from rlm_graph.nodes.merge import (
     dedupe_text,
+    short_candidates,
     merge_by_code,
     merge_evidence,
     usable_answers,
@@ -39,20 +40,23 @@ from rlm_graph.nodes.plan import (
     preview_source,
 )
 from rlm_graph.nodes.prompts import (
+    NONE_OF_THEM,
     JUDGE_SCHEMA,
     MERGE_SCHEMA,
+    choice_schema,
+    choose_messages,
     judge_messages,
     leaf_messages,
     merge_messages,
     schema_for,
 )
-from rlm_graph.nodes.types import Answer, Outcome, Plan, Task
+from rlm_graph.nodes.types import Answer, Evidence, Outcome, Plan, Task
 from rlm_graph.nodes.verify import Verdict, parse_json_reply, verify_leaf
 from rlm_graph.source import Source
 from rlm_graph.split import split_span
 from rlm_graph.tree import Group, boundary_levels, child_groups, root_height
 
-__all__ = ["CallResult", "Decision", "Engine", "Event"]
+__all__ = ["SIZE_VERDICTS", "CallResult", "Decision", "Engine", "Event"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,9 +114,14 @@ class Decision:
     reason: str | None = None
     judge: str | None = None
     """The judge's verdict on the answer, when a judge checked it."""
+    focus: Evidence | None = None
+    """A sentence of the span the rejected reply pointed at (see :meth:`Engine.focus`)."""
 
 
 PLAN_OUTPUT_TOKENS = 200
+MAX_REJECTED_SPLITS = 1
+SIZE_VERDICTS = frozenset({"context-window", "truncated", "too-many"})
+CHOICE_OUTPUT_TOKENS = 64
 
 CallFn = Callable[[Role, list[dict[str, str]], int, dict[str, Any] | None], Awaitable[CallResult]]
 SpawnFn = Callable[[Task], Awaitable[Outcome]]
@@ -284,9 +293,19 @@ class Engine:
             return True
         return self._filter.search(self.source.text, task.start, task.end) is not None
 
-    def can_split_finer(self, task: Task) -> bool:
-        """Whether a failing leaf may still be cut into smaller pieces."""
-        return task.depth < self.plan.max_depth and task.tokens >= 2 * MIN_LEAF_TOKENS
+    def can_split_finer(self, task: Task, verdict: str = "context-window") -> bool:
+        """Whether a failing leaf may still be cut into smaller pieces.
+
+        A span too big for the window or the output is cut as often as needed.
+        A span whose answers were rejected is cut once (into halves of up to
+        :data:`MAX_REJECTED_SPLITS` levels): smaller spans help a weak model
+        sometimes, but a model that fails again on the halves would otherwise
+        be asked again on quarters, eighths ... (a 1,500-token span cost 17-28
+        calls and about 10 minutes on the embedded model before this cap).
+        """
+        if task.depth >= self.plan.max_depth or task.tokens < 2 * MIN_LEAF_TOKENS:
+            return False
+        return verdict in SIZE_VERDICTS or task.rejected_splits < MAX_REJECTED_SPLITS
 
     # -- delegate -------------------------------------------------------------
 
@@ -360,6 +379,12 @@ class Engine:
         )
         if verdict.ok:
             return Decision("accept", answer=verdict.answer, verdict="ok")
+        if verdict.focus is not None:
+            return replace(self._after_rejection(task, verdict, max_tokens=max_tokens, re_asks=re_asks),
+                           focus=verdict.focus)
+        return self._after_rejection(task, verdict, max_tokens=max_tokens, re_asks=re_asks)
+
+    def _after_rejection(self, task: Task, verdict: Verdict, *, max_tokens: int, re_asks: int) -> Decision:
         if verdict.code == "truncated":
             # finish_reason=length: more room while the ceiling allows, else a
             # smaller span (a re-ask with the same room would be cut off again).
@@ -409,7 +434,7 @@ class Engine:
         return replace(self._split_or_fail(task, "judge-rejected", verdict), judge=verdict)
 
     def _split_or_fail(self, task: Task, verdict: str, reason: str) -> Decision:
-        if self.can_split_finer(task):
+        if self.can_split_finer(task, verdict):
             return Decision("split", verdict=verdict, reason=reason)
         return Decision("fail", verdict=verdict, reason=reason)
 
@@ -418,7 +443,9 @@ class Engine:
     async def merge(self, task: Task, children: list[Outcome]) -> Outcome:
         """Combine children's outcomes into the parent's outcome."""
         answers = usable_answers(children)
-        if self.plan.kind != "text":
+        if self.plan.kind == "short":
+            answer = await self._merge_short(answers)
+        elif self.plan.kind != "text":
             answer = merge_by_code(self.plan.kind, answers)
         elif len(answers := dedupe_text(answers)) <= 1:
             answer = answers[0] if answers else Answer(kind="text", found=False)
@@ -427,7 +454,7 @@ class Engine:
 
         failed = all(child.status == "failed" for child in children)
         stopped = not failed and any(child.status == "stopped" for child in children)
-        if self.plan.kind != "text":
+        if self.plan.kind not in ("text", "short"):
             # Merged by code: the parent's answer holds every item and quote of
             # its children, so their copies would only multiply the tree's size
             # by its depth (20 MB list run: 19 MB of tree). Structure, verdicts
@@ -439,6 +466,30 @@ class Engine:
             verdict="ok", children=tuple(children),
             reason="every part failed" if failed else "a budget stopped some parts" if stopped else None,
         )
+
+    async def _merge_short(self, answers: list[Answer]) -> Answer:
+        """One short answer from several: by code when they agree or one sentence
+        matches the question best; the root model chooses only among a tie."""
+        candidates = short_candidates(answers, self.plan.question)
+        if not candidates:
+            return Answer(kind="short", found=False)
+        top = [answer for score, answer in candidates if score == candidates[0][0]]
+        if len(top) == 1:
+            return top[0]
+        messages = choose_messages(
+            self.plan.question, [(a.text or "", a.evidence[0].quote if a.evidence else "") for a in top]
+        )
+        schema = choice_schema([a.text or "" for a in top])
+        result = await self.call("root", messages, CHOICE_OUTPUT_TOKENS, schema)
+        data = parse_json_reply(result.completion.text) if result.completion else None
+        said = str(data.get("answer") or "") if isinstance(data, dict) else ""
+        for answer in top:
+            if said == answer.text:
+                return answer
+        if said == NONE_OF_THEM:
+            return Answer(kind="short", found=False)
+        logger.warning("the root model chose none of %d tied short answers; keeping the first", len(top))
+        return top[0]
 
     async def _merge_text(self, answers: list[Answer]) -> Answer:
         while len(answers) > 1:
@@ -507,16 +558,43 @@ class Engine:
         feedback: str | None = None
         max_tokens = self.plan.output_tokens
         re_asks = attempts = 0
+        focused = False
         while True:
             result = await self.leaf_attempt(task, feedback=feedback, max_tokens=max_tokens)
             attempts += 1
             decision = self.decide(task, result, max_tokens=max_tokens, re_asks=re_asks)
+            if decision.focus is not None and not focused:
+                focused = True
+                attempts += 1
+                decision = await self.focus(task, decision, max_tokens=max_tokens)
             decision = await self.judge(task, decision, re_asks=re_asks)
             if decision.action == "retry":
                 re_asks += 1 if decision.feedback else 0
                 feedback, max_tokens = decision.feedback, decision.max_tokens
                 continue
             return await self.conclude(task, decision, attempts)
+
+    async def focus(self, task: Task, decision: Decision, *, max_tokens: int) -> Decision:
+        """Ask once more about the one sentence a rejected reply pointed at.
+
+        A weak model that restates the question has usually copied the start
+        of the sentence that answers it. That sentence alone is an excerpt it
+        can read; if the answer it then gives passes verification there (and so
+        in the span), it is accepted, else the first decision stands.
+        """
+        where = decision.focus
+        assert where is not None
+        zoom = task.model_copy(update={
+            "start": where.start, "end": where.end, "tokens": self.count(where.start, where.end),
+        })
+        result = await self.leaf_attempt(zoom, feedback=None, max_tokens=max_tokens)
+        if result.completion is None:
+            return decision
+        verdict = verify_leaf(self.source.text, zoom, self.plan.kind, result.completion, self.plan.record_schema)
+        if verdict.ok and verdict.answer is not None and verdict.answer.found:
+            logger.info("task %s: answered from the sentence its first reply pointed at", task.id)
+            return Decision("accept", answer=verdict.answer, verdict="ok-focused")
+        return decision
 
     async def conclude(self, task: Task, decision: Decision, attempts: int) -> Outcome:
         """Turn a final decision about a leaf into its outcome."""
@@ -533,6 +611,8 @@ class Engine:
         if decision.action == "split":
             logger.info("task %s: %s; splitting finer", task.id, decision.reason)
             children = self.split(task, finer=True)
+            if decision.verdict not in SIZE_VERDICTS:
+                children = [c.model_copy(update={"rejected_splits": task.rejected_splits + 1}) for c in children]
             if children:
                 outcome = await self.solve_children(task, children)
                 return outcome.model_copy(update={

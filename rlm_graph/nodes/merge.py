@@ -1,7 +1,9 @@
 """Merge: combine the children's answers into their parent's answer.
 
 Every kind but free text is merged by code, exactly: counts and table rows are
-summed, lists and records are united, yes/no answers are combined by rule. Neighbouring spans overlap, so
+summed, lists and records are united, yes/no answers are combined by rule,
+and short answers (copied from the source) are chosen among by how well their
+sentences match the question. Neighbouring spans overlap, so
 the same occurrence can be reported twice; occurrences are matched by where
 their evidence sits in the source, and an item or a counted occurrence seen by
 two children is kept once. Free text needs language and is merged by the root
@@ -20,6 +22,7 @@ from rlm_graph.nodes.types import Answer, Evidence, Item, Outcome, Record, Row
 
 __all__ = [
     "dedupe_text",
+    "short_candidates",
     "merge_by_code",
     "merge_count",
     "merge_list",
@@ -119,6 +122,31 @@ def merge_records(answers: list[Answer]) -> Answer:
 
     evidence = tuple(r.evidence for r in records if r.evidence)
     return Answer(kind="schema", found=bool(records), records=tuple(records), evidence=evidence)
+
+
+def short_candidates(answers: list[Answer], question: str) -> list[tuple[int, Answer]]:
+    """Distinct short answers, best first, each with its relevance score.
+
+    The same answer (ignoring case, spacing and end punctuation) from several
+    spans is one candidate with all their evidence. A candidate's score is the
+    most question words any of its evidence sentences holds: an answer copied
+    from "The code for the blue door is 41" ranks below one from "The code for
+    the red door is 17" when the question asks about the red door. Ties keep
+    source order.
+    """
+    from rlm_graph.nodes.verify import question_overlap
+
+    merged: dict[str, list[Answer]] = {}
+    for answer in answers:
+        if answer.found and answer.text:
+            merged.setdefault(_normal(answer.text), []).append(answer)
+    candidates = []
+    for group in merged.values():
+        evidence = merge_evidence(group)
+        score = max((question_overlap(e.quote, question) for e in evidence), default=0)
+        candidates.append((score, Answer(kind="short", found=True, text=group[0].text, evidence=evidence)))
+    candidates.sort(key=lambda pair: -pair[0])  # stable: source order within a score
+    return candidates
 
 
 def merge_by_code(kind: str, answers: list[Answer]) -> Answer:

@@ -62,7 +62,7 @@ PREVIEW_SAMPLE_CHARS = 400
 PREVIEW_FILES = 20
 """The preview stays under ~1K tokens: the embedded model reads about 80 prompt
 tokens a second, so a plan costs it 10-15 s."""
-PLANNABLE_KINDS: tuple[Kind, ...] = ("text", "list", "count", "table", "yesno")
+PLANNABLE_KINDS: tuple[Kind, ...] = ("text", "short", "list", "count", "table", "yesno")
 
 PLANNED_FIELDS = ("kind", "sub_question", "chunk_tokens", "filter")
 """What the root model's plan decides (each may be fixed by a flag instead)."""
@@ -218,7 +218,8 @@ def plan_messages(question: str, preview: str, rules: Plan) -> list[dict[str, st
         f"A question will be answered over a long source, read in pieces.\n\n"
         f"Question: {question}\n\nPreview of the source:\n{preview}\n\n"
         "Decide:\n"
-        '- kind: "text" (a short answer), "list" (items), "count" (a number), '
+        '- kind: "short" (a name, number, date or phrase stated in the text), '
+        '"text" (an explanation), "list" (items), "count" (a number), '
         '"table" (counts per label) or "yesno".\n'
         "- sub_question: what to ask each piece (usually the question itself).\n"
         f"- chunk_tokens: tokens per piece, up to {rules.leaf_tokens} (0 = default).\n"

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["Answer", "Evidence", "Item", "Kind", "Outcome", "Plan", "Record", "Row", "Task"]
 
-Kind = Literal["text", "list", "count", "table", "yesno", "schema"]
-"""Answer kinds: free text, a list of items, a count, a table of labelled counts,
+Kind = Literal["text", "short", "list", "count", "table", "yesno", "schema"]
+"""Answer kinds: free text, a short answer copied from the source, a list of items, a count, a table of labelled counts,
 yes/no with evidence, or records following a user's JSON schema."""
 
 
@@ -36,6 +36,10 @@ class Task(_Record):
     """The run of leaf spans ``[first, stop)`` this task covers (see :mod:`rlm_graph.tree`)."""
     height: int = Field(default=0, ge=0)
     """Its height in the content-defined tree: 0 for a single leaf."""
+    rejected_splits: int = Field(default=0, ge=0)
+    """How many times a span above it was split finer because its answers were
+    rejected (not for size): such splits are capped, so a model that keeps
+    failing on a span cannot multiply its calls level after level."""
 
     @model_validator(mode="after")
     def _ordered(self) -> Task:

@@ -25,7 +25,7 @@ from rlm_graph.nodes.prompts import LIST_MAX_ITEMS, evidence_field
 from rlm_graph.nodes.types import Answer, Evidence, Item, Kind, Record, Row, Task
 from rlm_graph.source import FILE_HEADER_MARK
 
-__all__ = ["Claims", "Verdict", "locate_quote", "verify_leaf"]
+__all__ = ["Claims", "Verdict", "locate_quote", "question_overlap", "verify_leaf"]
 
 MIN_QUOTE_CHARS = 8
 # Straight, curly and typewriter-style quote marks are interchangeable in a quote.
@@ -61,6 +61,9 @@ class Verdict:
     answer: Answer | None = None
     feedback: str | None = None
     """Why the reply was rejected, worded for the model."""
+    focus: Evidence | None = None
+    """For a rejected short answer that only restated the question: the sentence
+    of the span it was copied from, where the answer probably is."""
 
 
 def verify_leaf(
@@ -298,6 +301,86 @@ def _check_text(text: str, task: Task, data: dict[str, Any]) -> Verdict:
     return Verdict(True, "ok", Answer(kind="text", found=True, text=answer, evidence=(evidence,)))
 
 
+def question_overlap(sentence: str, question: str) -> int:
+    """How many of the question's content words a sentence contains."""
+    asked = {w for w in _words(question) if w not in _STOP_WORDS}
+    return len(asked & set(_words(sentence)))
+
+
+def _check_short(text: str, task: Task, data: dict[str, Any]) -> Verdict:
+    """A short answer must be copied from the span; code finds it there.
+
+    The answer's own occurrence is the evidence: the sentence around it that
+    shares the most content words with the question. Weak models copy well
+    and paraphrase badly, so nothing the span does not contain is accepted.
+    """
+    answer = str(data.get("answer") or "").strip().strip(_QUOTE_MARKS).strip().rstrip(".,;:!?").strip()
+    if not answer or _NOT_STATED.match(answer):
+        return Verdict(True, "ok", Answer(kind="short", found=False))
+    if _repeats_question(answer, task.question):
+        # Small models often copy the start of the right sentence and stop where
+        # the answer begins; that sentence is worth reading again on its own.
+        found = _answer_pattern(answer).search(text, task.start, task.end)
+        focus = _sentence_around(text, task.start, task.end, found.start(), found.end()) if found else None
+        return Verdict(False, "restated", focus=focus, feedback=(
+            "Your answer only repeats the question. Copy the words of the excerpt "
+            'that answer it, or answer "not stated".'
+        ))
+    best: tuple[int, Evidence, str] | None = None
+    # A model that copied a sentence and ran on past it: its first sentence counts.
+    first = next(iter(_SENTENCE.finditer(answer)), None)
+    tries = [answer]
+    if first is not None and first.group(0).strip().rstrip(".!?") not in ("", answer):
+        tries.append(first.group(0).strip().rstrip(".!?"))
+    for attempt in tries:
+        for match in _answer_pattern(attempt).finditer(text, task.start, task.end):
+            sentence = _sentence_around(text, task.start, task.end, match.start(), match.end())
+            score = question_overlap(sentence.quote, task.question)
+            if best is None or score > best[0]:
+                best = (score, sentence, match.group(0))
+        if best is not None:
+            break
+    if best is None:
+        return Verdict(False, "no-evidence", feedback=(
+            "Your answer does not occur in the excerpt. Copy the answer exactly as "
+            'it is written there, or answer "not stated".'
+        ))
+    if best[0] == 0:
+        return Verdict(False, "no-evidence", feedback=(
+            "The excerpt uses your answer in a sentence unrelated to the question. "
+            'Copy the words that answer the question, or answer "not stated".'
+        ))
+    return Verdict(True, "ok", Answer(kind="short", found=True, text=best[2], evidence=(best[1],)))
+
+
+def _repeats_question(answer: str, question: str) -> bool:
+    """Whether a short answer of several words has no word of its own: each is a
+    stop word or shares its first four letters with a word of the question
+    ("leaves" for "leave")."""
+    words = _words(answer)
+    asked = {w[:4] for w in _words(question)}
+    return len(words) > 1 and all(w in _STOP_WORDS or w[:4] in asked for w in words)
+
+
+def _answer_pattern(answer: str) -> regex.Pattern[str]:
+    """The answer as whole words, tolerant of whitespace, case and quote marks."""
+    body = _tolerant_pattern(answer).pattern
+    return regex.compile(rf"(?<!\w){body}(?!\w)", regex.IGNORECASE | regex.V1)
+
+
+def _sentence_around(text: str, start: int, end: int, at: int, stop: int) -> Evidence:
+    """The sentence of ``text[start:end]`` holding ``text[at:stop]`` (or the
+    match itself when it spans sentences)."""
+    for match in _SENTENCE.finditer(text, start, end):
+        if match.start() <= at and stop <= match.end():
+            sentence = match.group(0).strip()
+            offset = match.start() + match.group(0).index(sentence)
+            return Evidence(quote=sentence, start=offset, end=offset + len(sentence))
+        if match.start() > at:
+            break
+    return Evidence(quote=text[at:stop], start=at, end=stop)
+
+
 def _check_list(text: str, task: Task, data: dict[str, Any]) -> Verdict:
     shape = '{"items": [{"item": "...", "quote": "..."}]}'
     entries = _required(data, "items", list, shape)
@@ -523,6 +606,7 @@ def _backing(
 
 _CHECKS = {
     "text": _check_text,
+    "short": _check_short,
     "list": _check_list,
     "count": _check_count,
     "table": _check_table,
