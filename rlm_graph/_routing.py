@@ -477,7 +477,11 @@ def _check_limits(entry: _Deployment, where: str) -> None:
             number = float(value)
         whole = kind is not int or (number is not None and number.is_integer())
         if number is None or not number > 0 or not whole or number == float("inf"):
-            what = "a positive whole number" if kind is int else "a positive number of seconds"
+            what = (
+                "a positive whole number"
+                if kind is int
+                else "a positive number of seconds"
+            )
             msg = (
                 f"In the {where}, deployment '{entry.model_name}' "
                 f"({entry.litellm_params.get('model')}) has {key}: {value!r}; "
@@ -770,7 +774,8 @@ class Pacer:
 
     def delay(self, amount: float) -> float:
         """Seconds ``amount`` would wait if asked now (others waiting not counted)."""
-        level = min(self.burst, self._level + (self._clock() - self._stamp) * self.rate_per_s)
+        elapsed = self._clock() - self._stamp
+        level = min(self.burst, self._level + elapsed * self.rate_per_s)
         need = min(amount, self.burst)
         return max(need - level, 0.0) / self.rate_per_s
 

@@ -190,7 +190,9 @@ class Budget:
         """Stop the run on its time limit (once); the error to raise."""
         return self.stop("max-time", f"{self.max_time_s:g} s")
 
-    async def within_time(self, wait: Any, undo: Callable[[], None] | None = None) -> Any:
+    async def within_time(
+        self, wait: Any, undo: Callable[[], None] | None = None
+    ) -> Any:
         """Await ``wait`` (a coroutine), but no longer than the run's time left.
 
         Every wait of a call (parallel slots, quota pauses, rpm/tpm pace) goes

@@ -414,14 +414,16 @@ class ModelClient:
         async with contextlib.AsyncExitStack() as held:
             # Every wait below ends when the run's time is up (or a budget stops it).
             if limits.parallel is not None:
-                await budget.within_time(limits.parallel.acquire(), limits.parallel.release)
+                slot = limits.parallel
+                await budget.within_time(slot.acquire(), slot.release)
                 held.callback(limits.parallel.release)
             await self._wait_for_quota(role, name, group)
             delay, limit = limits.pace_delay(estimate)
             if delay >= LONG_PACE_WAIT_S:
                 logger.info(
                     "%s call to %s: waiting %.0f s for the group's %s pace "
-                    "(a bucket in debt after a larger request)", role, name, delay, limit,
+                    "(a bucket in debt after a larger request)",
+                    role, name, delay, limit,
                 )
             await budget.within_time(limits.pace(estimate))
             await budget.within_time(self._semaphore.acquire(), self._semaphore.release)
@@ -449,7 +451,8 @@ class ModelClient:
             # for) is not recorded: once the server is fixed, it is asked again.
             if _usable(completion, params):
                 if self.run_id is not None:
-                    completion = _replace(completion, paid_by=f"{self.run_id}/{self._session}")
+                    paid_by = f"{self.run_id}/{self._session}"
+                    completion = _replace(completion, paid_by=paid_by)
                 await self.call_log.put(key, completion)
         logger.debug(
             "%s call to %s: %d+%d tokens, %s, %.2f s", role, name,
@@ -461,7 +464,7 @@ class ModelClient:
         return completion
 
     async def _wait_for_quota(self, role: Role, name: str, group: Group) -> None:
-        """Wait while every quota of the group is paused; stop if that outlasts the run."""
+        """Wait while every quota of the group is paused; stop if it outlasts the run."""
         quotas = self._quotas_of(group)
         pause = self._gates.pause_any(quotas)
         if pause <= 0:
@@ -473,10 +476,12 @@ class ModelClient:
                 "the run has left", role, name, pause, max(remaining, 0.0),
             )
             raise self.budget.time_up()
-        await self.budget.within_time(self._gates.wait_any(quotas, margin_s=QUOTA_MARGIN_S))
+        await self.budget.within_time(
+            self._gates.wait_any(quotas, margin_s=QUOTA_MARGIN_S)
+        )
 
     async def _sleep_before_retry(self, seconds: float) -> None:
-        """Tenacity's sleep: a wait longer than the run's time left stops the run now."""
+        """Tenacity's sleep: a wait longer than the time left stops the run now."""
         remaining = self.budget.remaining_s()
         if remaining is not None and seconds >= remaining:
             logger.info(
@@ -538,7 +543,8 @@ class ModelClient:
         if _is_auth_error(exc):
             # Not transient: later attempts of this call (and other calls to
             # the group) fail at once instead of waiting out cooldowns.
-            self._rejected.setdefault(group.name, self._translate(group.name, exc, tally))
+            rejected = self._translate(group.name, exc, tally)
+            self._rejected.setdefault(group.name, rejected)
         if not _timed_out(exc):
             self.budget.settle(reservation, 0, 0.0)
             self._block_quota_after(group, deployment, exc)
@@ -728,7 +734,9 @@ class _GroupLimits:
 
     def __init__(self, group: Group) -> None:
         self.count = token_counter(group.models[0])
-        self.parallel = asyncio.Semaphore(group.max_parallel) if group.max_parallel else None
+        self.parallel = (
+            asyncio.Semaphore(group.max_parallel) if group.max_parallel else None
+        )
         # A bucket holding one second's worth: steady pacing, no minute-long bursts.
         self._rpm = Pacer(group.rpm / 60, group.rpm / 60) if group.rpm else None
         self._tpm = Pacer(group.tpm / 60, group.tpm / 60) if group.tpm else None
@@ -928,8 +936,9 @@ def requested_retry_after(
         if parsed is None:
             return None
         served = _http_date(lowered.get("date") or "")
-        base = served if served is not None else (now if now is not None else time.time())
-        value = max(parsed - base, 0.0)
+        if served is None:
+            served = now if now is not None else time.time()
+        value = max(parsed - served, 0.0)
     if value < 0 or value != value:  # negative or NaN: invalid
         return None
     return value

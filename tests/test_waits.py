@@ -56,7 +56,9 @@ def router_file(tmp_path, server: FakeOpenAIServer, **params) -> object:
 async def test_rpm_pacing_wait_ends_when_the_run_time_is_up(tmp_path):
     with FakeOpenAIServer(lambda r: "ok") as server:
         client = ModelClient(
-            RunConfig(router_config=router_file(tmp_path, server, rpm=1), max_time_s=1.5)
+            RunConfig(
+                router_config=router_file(tmp_path, server, rpm=1), max_time_s=1.5
+            )
         )
         await client.complete("worker", ask("first"), max_tokens=8)
         started = time.monotonic()
@@ -74,7 +76,9 @@ async def test_tpm_below_one_calls_worst_case_sends_it_alone_then_stops_on_time(
 ):
     with FakeOpenAIServer(lambda r: "ok") as server:
         client = ModelClient(
-            RunConfig(router_config=router_file(tmp_path, server, tpm=60), max_time_s=1.5)
+            RunConfig(
+                router_config=router_file(tmp_path, server, tpm=60), max_time_s=1.5
+            )
         )
         # ~100 tokens against 60 a minute: sent at once, the bucket goes into debt.
         started = time.monotonic()
@@ -91,7 +95,10 @@ async def test_tpm_below_one_calls_worst_case_sends_it_alone_then_stops_on_time(
 async def test_a_run_paced_past_its_time_ends_stopped_with_its_partial_answer(tmp_path):
     names = ["Ada", "Brook", "Cyrus", "Delia"]
     text = numbered_paragraphs(
-        40, needle_at={i * 9 + 2: f"The visitor named {n} arrived." for i, n in enumerate(names)}
+        40,
+        needle_at={
+            i * 9 + 2: f"The visitor named {n} arrived." for i, n in enumerate(names)
+        },
     )
     with FakeOpenAIServer(list_reply(r"The visitor named (\w+) arrived\.")) as server:
         started = time.monotonic()
@@ -113,7 +120,9 @@ async def test_a_run_paced_past_its_time_ends_stopped_with_its_partial_answer(tm
 
 
 async def test_a_retry_after_longer_than_the_time_left_stops_at_once(tmp_path):
-    with FakeOpenAIServer(lambda r: Reply(error="rate_limit", retry_after="60")) as server:
+    with FakeOpenAIServer(
+        lambda r: Reply(error="rate_limit", retry_after="60")
+    ) as server:
         client = ModelClient(
             RunConfig(router_config=router_file(tmp_path, server), max_time_s=8)
         )
@@ -214,7 +223,14 @@ async def test_a_rejected_key_fails_at_once_without_retries(tmp_path):
         ({"timeout": 0}, "timeout: 0"),
         ({"timeout": "slow"}, "timeout: 'slow'"),
     ],
-    ids=["rpm-text", "rpm-negative", "tpm-zero", "parallel-fraction", "timeout-zero", "timeout-text"],
+    ids=[
+        "rpm-text",
+        "rpm-negative",
+        "tpm-zero",
+        "parallel-fraction",
+        "timeout-zero",
+        "timeout-text",
+    ],
 )
 def test_unusable_limits_are_refused_naming_the_deployment(tmp_path, params, shown):
     with FakeOpenAIServer(lambda r: "ok") as server:
@@ -231,8 +247,16 @@ def test_cli_refuses_a_non_numeric_rpm_with_exit_2(tmp_path):
         (tmp_path / "doc.txt").write_text("Some text. " * 50)
         result = CliRunner().invoke(
             main,
-            ["run", str(tmp_path / "doc.txt"), "-q", "What?", "--router-config", str(path),
-             "--store", str(tmp_path / "s.sqlite")],
+            [
+                "run",
+                str(tmp_path / "doc.txt"),
+                "-q",
+                "What?",
+                "--router-config",
+                str(path),
+                "--store",
+                str(tmp_path / "s.sqlite"),
+            ],
         )
     assert result.exit_code == 2, result.output
     assert "rpm: 'fast'" in result.stderr and "Traceback" not in result.stderr
@@ -246,9 +270,20 @@ def test_cli_rejected_key_exits_3_and_json_prints_the_failure(tmp_path, debug):
         (tmp_path / "doc.txt").write_text("Some text. " * 50)
         result = CliRunner().invoke(
             main,
-            ["run", str(tmp_path / "doc.txt"), "-q", "What?", "--router-config", str(path),
-             "--store", str(tmp_path / "s.sqlite"), "--planner", "rules", "--json",
-             *(["--debug"] if debug else [])],
+            [
+                "run",
+                str(tmp_path / "doc.txt"),
+                "-q",
+                "What?",
+                "--router-config",
+                str(path),
+                "--store",
+                str(tmp_path / "s.sqlite"),
+                "--planner",
+                "rules",
+                "--json",
+                *(["--debug"] if debug else []),
+            ],
         )
     assert result.exit_code == 3, result.output
     data = json.loads(result.stdout)
@@ -264,13 +299,21 @@ async def test_usage_counts_each_paid_call_once_across_resumes(tmp_path):
     store = str(tmp_path / "s.sqlite")
     with FakeOpenAIServer(list_reply(r"The visitor named (\w+) arrived\.")) as server:
         settings = {
-            "model": "openai/m", "api_base": server.api_base, "api_key": KEY,
-            "context_window": 4096, "chunk_tokens": 200, "planner": "rules",
+            "model": "openai/m",
+            "api_base": server.api_base,
+            "api_key": KEY,
+            "context_window": 4096,
+            "chunk_tokens": 200,
+            "planner": "rules",
             "concurrency": 2,
         }
         first = await api.arun(
-            "List every visitor named in the text.", text=text, store=store,
-            run_id="counted", max_calls=3, **settings,
+            "List every visitor named in the text.",
+            text=text,
+            store=store,
+            run_id="counted",
+            max_calls=3,
+            **settings,
         )
         second = await api.aresume("counted", store=store, max_calls=3, api_key=KEY)
         third = await api.aresume("counted", store=store, max_calls=10_000, api_key=KEY)
