@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import logging
 import time
 
 import pytest
@@ -325,3 +326,47 @@ async def test_usage_counts_each_paid_call_once_across_resumes(tmp_path):
     # Replays of calls earlier sessions paid for are neither paid nor cached again.
     assert third.usage.calls == sent
     assert third.usage.cached_calls == 0
+
+
+async def test_a_capped_retry_after_says_so_and_the_pause_names_each_server_once(
+    caplog,
+):
+    with FakeOpenAIServer(
+        lambda r: Reply(error="rate_limit", retry_after="600")
+    ) as server:
+        api_base = server.api_base
+        # Flags: root, worker and judge are three deployments of one model and server.
+        client = ModelClient(
+            RunConfig(
+                model="openai/m", api_base=server.api_base, api_key=KEY, max_time_s=5
+            )
+        )
+        with (
+            caplog.at_level(logging.INFO, logger="rlm_graph"),
+            pytest.raises(BudgetExceeded, match="max-time"),
+        ):
+            await client.complete("worker", ask(), max_tokens=8)
+
+    pauses = [
+        m for r in caplog.records if "after a rate limit" in (m := r.getMessage())
+    ]
+    assert len(pauses) == 1
+    assert "Retry-After asked 600 s; capped at 120 s" in pauses[0]
+    waiting = pauses[0].rpartition(": ")[2]
+    assert waiting.count(api_base) == 1, pauses[0]
+
+
+def test_log_records_are_single_lines_when_stderr_is_not_a_terminal(capsys):
+    from rlm_graph.cli import _configure_logging
+
+    _configure_logging(1, False)
+    try:
+        logging.getLogger("rlm_graph.models").info(
+            "first line\nsecond line %s", "x" * 200
+        )
+    finally:
+        logging.getLogger().handlers.clear()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("INFO") and lines[0].endswith("x" * 200)
+    assert "first line | second line" in lines[0]
