@@ -15,7 +15,6 @@ a model, and prices it: what ``--dry-run`` prints.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import math
@@ -217,20 +216,22 @@ class Budget:
             raise self.time_up()
         task = asyncio.ensure_future(wait)
         watcher = asyncio.ensure_future(stopped.wait())
+        returned = False
         try:
             done, _ = await asyncio.wait(
                 {task, watcher}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
             )
+            if task in done:
+                returned = True
+                return task.result()
         finally:
             watcher.cancel()
-            if not task.done():
+            if not returned:
+                # Abandoned (time up, a stop, or the caller cancelled): a slot
+                # the wait took anyway is given back.
                 task.cancel()
-        if task in done:
-            return task.result()
-        with contextlib.suppress(BaseException):
-            await task
-        if task.done() and not task.cancelled() and task.exception() is None and undo:
-            undo()
+                if undo is not None:
+                    task.add_done_callback(functools.partial(_undo_if_taken, undo))
         if self.reason is not None:
             raise BudgetExceeded(self._message())
         raise self.time_up()
@@ -254,6 +255,12 @@ class Budget:
 
     def _message(self) -> str:
         return f"stopped: {self.reason}"
+
+
+def _undo_if_taken(undo: Callable[[], None], task: asyncio.Future[Any]) -> None:
+    """Call ``undo`` if an abandoned wait finished anyway (it took its slot)."""
+    if not task.cancelled() and task.exception() is None:
+        undo()
 
 
 class Estimate(BaseModel):
