@@ -9,6 +9,11 @@ answering every request after a fixed latency. A perfect client keeps
 The second part runs the whole engine (graph, split, verify, merge) over a
 source of the same number of leaf calls, to show what the engine adds.
 
+With ``--layers`` it first times the layers under the engine one by one, each
+at the same concurrency against the same double: a bare HTTP client (httpx),
+``litellm.acompletion``, a LiteLLM ``Router`` and rlm-graph's ``ModelClient``.
+The drop from one layer to the next is what that layer costs.
+
 The double runs in a child process, as a real server would: in this process
 its threads would take turns with the client for the interpreter lock. CPU
 per call is this process's CPU time divided by the calls; when it times the
@@ -106,6 +111,64 @@ async def client_throughput(
     return calls / elapsed, (time.process_time() - cpu) / calls * 1000
 
 
+async def layer_throughput(
+    layer: str, api_base: str, calls: int, concurrency: int
+) -> tuple[float, float]:
+    """Calls per second and CPU ms per call of one layer, ``concurrency`` in flight."""
+    import httpx
+    import litellm
+
+    def messages(i: int) -> list[dict[str, str]]:
+        return [{"role": "user", "content": f"question {i}"}]
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        if layer == "httpx":
+
+            async def call(i: int) -> object:
+                body = {"model": "fake-model", "messages": messages(i), "max_tokens": 8}
+                return await http.post(f"{api_base}/chat/completions", json=body)
+
+        elif layer == "litellm":
+
+            async def call(i: int) -> object:
+                return await litellm.acompletion(
+                    model="openai/fake-model", api_base=api_base, api_key="sk-bench",
+                    messages=messages(i), max_tokens=8,
+                )
+
+        elif layer == "router":
+            router = litellm.Router(model_list=[{
+                "model_name": "worker",
+                "litellm_params": {
+                    "model": "openai/fake-model", "api_base": api_base, "api_key": "sk-bench",
+                },
+            }])
+
+            async def call(i: int) -> object:
+                return await router.acompletion(model="worker", messages=messages(i), max_tokens=8)
+
+        else:
+            client = ModelClient(RunConfig(
+                model="openai/fake-model", api_base=api_base, api_key="sk-bench",
+                context_window=4096, concurrency=concurrency,
+            ))
+
+            async def call(i: int) -> object:
+                return await client.complete("worker", messages(i), max_tokens=8)
+
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> None:
+            async with slots:
+                await call(i)
+
+        await asyncio.gather(*(one(-1 - i) for i in range(concurrency)))
+        started, cpu = time.monotonic(), time.process_time()
+        await asyncio.gather(*(one(i) for i in range(calls)))
+        elapsed = time.monotonic() - started
+    return calls / elapsed, (time.process_time() - cpu) / calls * 1000
+
+
 async def engine_throughput(
     api_base: str, leaves: int, concurrency: int
 ) -> tuple[float, int, float]:
@@ -135,6 +198,10 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--latency", type=float, default=0.2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument(
+        "--layers", action="store_true",
+        help="first time httpx, litellm.acompletion, a Router and ModelClient alone",
+    )
     parser.add_argument("--serve", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve is not None:
@@ -147,6 +214,17 @@ def main() -> None:
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print("layer    concurrency  ideal/s  measured/s  ratio  CPU ms/call")
     with served(args.latency) as api_base:
+        if args.layers:
+            for concurrency in args.concurrency:
+                ideal = concurrency / args.latency
+                for layer in ("httpx", "litellm", "router", "client"):
+                    rate, cpu_ms = asyncio.run(
+                        layer_throughput(layer, api_base, args.calls, concurrency)
+                    )
+                    print(
+                        f"{layer:<8} {concurrency:>11}  {ideal:>7.1f}  {rate:>10.1f}  {rate / ideal:>5.0%}  {cpu_ms:>11.1f}"
+                    )
+            print("(layers: each row alone; 'client' is ModelClient, as below)")
         for concurrency in args.concurrency:
             ideal = concurrency / args.latency
             rate, cpu_ms = asyncio.run(

@@ -508,12 +508,14 @@ class ModelClient:
         remaining = self.budget.remaining_s()
         cut_by_budget = remaining is not None and remaining < timeout
         try:
-            return await asyncio.wait_for(
-                self.router.acompletion(
+            # asyncio.timeout, not wait_for: it runs the call in this task
+            # rather than a new one, one event-loop hop less per call.
+            async with asyncio.timeout(
+                min(timeout, remaining) if cut_by_budget and remaining else timeout
+            ):
+                return await self.router.acompletion(
                     model=name, messages=messages, metadata=metadata, **params
-                ),
-                timeout=min(timeout, remaining) if cut_by_budget and remaining else timeout,
-            )
+                )
         except TimeoutError as exc:
             if not cut_by_budget:
                 raise
