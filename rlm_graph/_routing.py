@@ -438,6 +438,7 @@ def _deployments(
             )
             raise ConfigError(msg)
         params = entry.litellm_params
+        _check_limits(entry, where)
         found[deployment_id] = Deployment(
             id=deployment_id,
             group=entry.model_name,
@@ -447,6 +448,46 @@ def _deployments(
             quota=str(entry.model_info.get("quota") or f"group:{entry.model_name}"),
         )
     return found
+
+
+_POSITIVE_PARAMS = {
+    "rpm": int,
+    "tpm": int,
+    "max_parallel_requests": int,
+    "timeout": float,
+    "stream_timeout": float,
+}
+"""``litellm_params`` that must be positive numbers, and the kind of number."""
+
+
+def _check_limits(entry: _Deployment, where: str) -> None:
+    """Refuse a limit or timeout that is not a positive number.
+
+    Raises:
+        ConfigError: naming the deployment, the key and the value.
+    """
+    for key, kind in _POSITIVE_PARAMS.items():
+        value = entry.litellm_params.get(key)
+        if value is None:
+            continue
+        number: float | None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            number = None
+        else:
+            number = float(value)
+        whole = kind is not int or (number is not None and number.is_integer())
+        if number is None or not number > 0 or not whole or number == float("inf"):
+            what = (
+                "a positive whole number"
+                if kind is int
+                else "a positive number of seconds"
+            )
+            msg = (
+                f"In the {where}, deployment '{entry.model_name}' "
+                f"({entry.litellm_params.get('model')}) has {key}: {value!r}; "
+                f"it must be {what} (leave it out for no limit)."
+            )
+            raise ConfigError(msg)
 
 
 def _group(
@@ -730,6 +771,13 @@ class Pacer:
         self._clock = clock
         self._stamp = clock()
         self._lock = asyncio.Lock()
+
+    def delay(self, amount: float) -> float:
+        """Seconds ``amount`` would wait if asked now (others waiting not counted)."""
+        elapsed = self._clock() - self._stamp
+        level = min(self.burst, self._level + elapsed * self.rate_per_s)
+        need = min(amount, self.burst)
+        return max(need - level, 0.0) / self.rate_per_s
 
     async def take(self, amount: float) -> float:
         """Wait until ``amount`` may pass, then take it; returns seconds waited."""

@@ -209,6 +209,7 @@ async def execute(
     if record is None:
         record = await _new_record(engine, store, run_id)
     engine.client.call_log = store
+    engine.client.run_id = record.run_id
 
     async with store.lock_run(record.run_id):
         graph = build_graph(engine, checkpointer=store.saver)
@@ -260,6 +261,7 @@ async def execute_nested(
     else:
         logger.info("run %s: its parent graph resumed it", record.run_id)
     engine.client.call_log = store
+    engine.client.run_id = record.run_id
 
     async with store.lock_run(record.run_id):
         async with _recorded(engine, store, record) as progress:

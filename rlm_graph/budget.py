@@ -14,13 +14,14 @@ a model, and prices it: what ``--dry-run`` prints.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -68,6 +69,9 @@ class Budget:
         self.cost_usd = 0.0
         self._held_tokens = 0
         self._held_cost = 0.0
+        self._in_flight = 0
+        self._changed: asyncio.Event | None = None
+        self._stopped: asyncio.Event | None = None
         self.reason: str | None = None
         """Which limit stopped the run, once one has."""
 
@@ -98,24 +102,65 @@ class Budget:
         crossed = self._crossed(tokens, cost or 0.0)
         if crossed is not None:
             raise self.stop(*crossed)
+        return self._take(tokens, cost)
 
+    async def admit(self, tokens: int, cost: float | None) -> _Reservation:
+        """Like :meth:`reserve`, but waits while only calls in flight stand in the way.
+
+        The worst cases held for calls in flight are usually far above what
+        they spend. An attempt that would fit once they settle waits for them
+        (until the run's time is up) instead of stopping the run; one that
+        would not fit even with nothing in flight stops it.
+
+        Raises:
+            BudgetExceeded: a limit is reached (or the time ran out waiting).
+        """
+        while True:
+            if self.reason is not None:
+                raise BudgetExceeded(self._message())
+            crossed = self._crossed(tokens, cost or 0.0, held=False)
+            if crossed is not None:
+                raise self.stop(*crossed)
+            if self._in_flight == 0 or self._crossed(tokens, cost or 0.0) is None:
+                return self._take(tokens, cost)
+            changed = self._changed = self._changed or asyncio.Event()
+            changed.clear()
+            remaining = self.remaining_s()
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError as exc:
+                raise self.time_up() from exc
+
+    def _take(self, tokens: int, cost: float | None) -> _Reservation:
         self.calls += 1
+        self._in_flight += 1
         self._held_tokens += tokens
         self._held_cost += cost or 0.0
         return _Reservation(tokens, cost or 0.0)
 
-    def _crossed(self, tokens: int, cost: float) -> tuple[str, str] | None:
-        """The limit (name, value) one more attempt could cross, if any."""
+    def _changed_now(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    def _crossed(
+        self, tokens: int, cost: float, *, held: bool = True
+    ) -> tuple[str, str] | None:
+        """The limit (name, value) one more attempt could cross, if any.
+
+        ``held``: count the worst cases of the calls in flight too.
+        """
+        held_tokens = self._held_tokens if held else 0
+        held_cost = self._held_cost if held else 0.0
         if self.max_calls is not None and self.calls + 1 > self.max_calls:
             return "max-calls", f"{self.max_calls} calls"
         if (
             self.max_tokens is not None
-            and self.tokens + self._held_tokens + tokens > self.max_tokens
+            and self.tokens + held_tokens + tokens > self.max_tokens
         ):
             return "max-tokens", f"{self.max_tokens:,} tokens"
         if (
             self.max_cost is not None
-            and self.cost_usd + self._held_cost + cost > self.max_cost
+            and self.cost_usd + held_cost + cost > self.max_cost
         ):
             return "max-cost", f"${self.max_cost:g}"
         remaining = self.remaining_s()
@@ -126,25 +171,96 @@ class Budget:
     def cancel(self, reservation: _Reservation) -> None:
         """Give back an attempt that was never sent: its call and its hold."""
         self.calls -= 1
+        self._in_flight -= 1
         self._held_tokens -= reservation.tokens
         self._held_cost -= reservation.cost
+        self._changed_now()
 
     def settle(self, reservation: _Reservation, tokens: int, cost: float) -> None:
         """Replace an attempt's reservation by what it really spent."""
+        self._in_flight -= 1
         self._held_tokens -= reservation.tokens
         self._held_cost -= reservation.cost
         self.tokens += tokens
         self.cost_usd += cost
+        self._changed_now()
+
+    def time_up(self) -> BudgetExceeded:
+        """Stop the run on its time limit (once); the error to raise."""
+        return self.stop("max-time", f"{self.max_time_s:g} s")
+
+    async def within_time(
+        self, wait: Any, undo: Callable[[], None] | None = None
+    ) -> Any:
+        """Await ``wait`` (a coroutine), but no longer than the run's time left.
+
+        Every wait of a call (parallel slots, quota pauses, rpm/tpm pace) goes
+        through here, so none outlives ``--max-time``, and none outlives a
+        budget another call has reached.
+
+        Args:
+            wait: what to await.
+            undo: called if ``wait`` finished just as it was abandoned (to
+                give back a slot it took).
+
+        Raises:
+            BudgetExceeded: the time ran out, or a budget stopped the run.
+        """
+        stopped = self._stopped_event()
+        if self.reason is not None:
+            wait.close()
+            raise BudgetExceeded(self._message())
+        remaining = self.remaining_s()
+        if remaining is not None and remaining <= 0:
+            wait.close()
+            raise self.time_up()
+        task = asyncio.ensure_future(wait)
+        watcher = asyncio.ensure_future(stopped.wait())
+        returned = False
+        try:
+            done, _ = await asyncio.wait(
+                {task, watcher}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            if task in done:
+                returned = True
+                return task.result()
+        finally:
+            watcher.cancel()
+            if not returned:
+                # Abandoned (time up, a stop, or the caller cancelled): a slot
+                # the wait took anyway is given back.
+                task.cancel()
+                if undo is not None:
+                    task.add_done_callback(functools.partial(_undo_if_taken, undo))
+        if self.reason is not None:
+            raise BudgetExceeded(self._message())
+        raise self.time_up()
+
+    def _stopped_event(self) -> asyncio.Event:
+        if self._stopped is None:
+            self._stopped = asyncio.Event()
+            if self.reason is not None:
+                self._stopped.set()
+        return self._stopped
 
     def stop(self, limit: str, value: str) -> BudgetExceeded:
         """Mark the budget reached (once) and return the error to raise."""
         if self.reason is None:
             self.reason = f"{limit} budget of {value} reached"
             logger.info("%s; no further model calls are sent", self.reason)
+            if self._stopped is not None:
+                self._stopped.set()
+            self._changed_now()
         return BudgetExceeded(self._message())
 
     def _message(self) -> str:
         return f"stopped: {self.reason}"
+
+
+def _undo_if_taken(undo: Callable[[], None], task: asyncio.Future[Any]) -> None:
+    """Call ``undo`` if an abandoned wait finished anyway (it took its slot)."""
+    if not task.cancelled() and task.exception() is None:
+        undo()
 
 
 class Estimate(BaseModel):

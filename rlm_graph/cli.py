@@ -14,8 +14,9 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 import time
+import traceback
+from pathlib import Path
 from typing import Any, ClassVar
 
 import click
@@ -122,7 +123,7 @@ def run_command(
     if settings.get("api_key"):
         _RedactSecrets.known.add(settings["api_key"])
     progress = _Progress(enabled=sys.stderr.isatty(), store=store)
-    with _errors_to_exit_codes(debug, progress):
+    with _errors_to_exit_codes(debug, progress, as_json):
         _refuse_conflicts(
             settings, schema_file=schema_file, dry_run=dry_run, run_id=run_id
         )
@@ -195,7 +196,7 @@ def resume_command(
     if settings.get("api_key"):
         _RedactSecrets.known.add(settings["api_key"])
     progress = _Progress(enabled=sys.stderr.isatty(), store=store)
-    with _errors_to_exit_codes(debug, progress):
+    with _errors_to_exit_codes(debug, progress, as_json):
         _configure_logging(verbose, debug)
         from rlm_graph.api import aresume
 
@@ -699,9 +700,12 @@ def _add_result_children(tree: Any, node: Any, max_depth: int) -> None:
 class _errors_to_exit_codes:
     """Turn library errors into one line on stderr and a documented exit code."""
 
-    def __init__(self, debug: bool, progress: _Progress | None = None) -> None:
+    def __init__(
+        self, debug: bool, progress: _Progress | None = None, as_json: bool = False
+    ) -> None:
         self.debug = debug
         self.progress = progress
+        self.as_json = as_json
 
     def __enter__(self) -> None:
         return None
@@ -715,12 +719,23 @@ class _errors_to_exit_codes:
         if isinstance(exc, KeyboardInterrupt):
             click.echo("stopped." + (f" Nothing finished is lost; resume with: {hint}" if hint else ""), err=True)
             sys.exit(EXIT_INTERRUPTED)
-        if not isinstance(exc, RlmGraphError) or self.debug:
+        if not isinstance(exc, RlmGraphError):
             return False
+        if self.debug:
+            # The traceback, and the same exit code as without --debug.
+            traceback.print_exception(exc, file=sys.stderr)
+        usage = isinstance(exc, ConfigError | SourceError | StoreError)
         click.echo(f"error: {exc}", err=True)
-        if hint and not isinstance(exc, ConfigError | SourceError | StoreError):
+        if hint and not usage:
             click.echo(f"The run is kept; once fixed, resume with: {hint}", err=True)
-        sys.exit(EXIT_USAGE if isinstance(exc, ConfigError | SourceError | StoreError) else EXIT_MODEL)
+        if self.as_json and not usage:
+            # --json promises one object on stdout, also when the run failed.
+            failed = {"status": "failed", "error": str(exc)}
+            run_id = self.progress.run_id if self.progress is not None else None
+            if run_id:
+                failed["run_id"] = run_id
+            click.echo(json.dumps(failed, ensure_ascii=False, indent=2))
+        sys.exit(EXIT_USAGE if usage else EXIT_MODEL)
 
 
 class _Progress:
@@ -978,6 +993,14 @@ class _RedactSecrets(logging.Filter):
         return True
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Log records as single lines: line breaks inside a record become ' | '."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return " | ".join(part for part in text.splitlines() if part.strip())
+
+
 def _configure_logging(verbose: int, debug: bool) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
@@ -993,9 +1016,19 @@ def _configure_logging(verbose: int, debug: bool) -> None:
 
     level = logging.DEBUG if verbose >= 2 or debug else logging.INFO if verbose == 1 else logging.WARNING
     # Logs go to stderr: stdout carries only the answer (or the --json object).
-    handler = RichHandler(
-        console=Console(stderr=True), show_path=False, show_time=verbose >= 2, markup=False
-    )
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        handler = RichHandler(
+            console=Console(stderr=True), show_path=False, show_time=verbose >= 2, markup=False
+        )
+    else:
+        # A file or a pipe: one record, one physical line (rich wraps at 80 columns).
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            _OneLineFormatter(
+                ("%(asctime)s " if verbose >= 2 else "") + "%(levelname)-8s %(message)s"
+            )
+        )
     handler.addFilter(_RedactSecrets())
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
     logging.getLogger("rlm_graph").setLevel(level)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import email.utils
 import functools
 import hashlib
@@ -20,6 +21,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -65,6 +67,8 @@ MIN_MASKED_KEY_CHARS = 4
 DEFAULT_RATE_LIMIT_PAUSE_S = 1.0
 """How long a quota pauses after a 429 that gave no Retry-After."""
 QUOTA_MARGIN_S = 0.02
+LONG_PACE_WAIT_S = 5.0
+"""A pacing wait at least this long is logged (at info) before it starts."""
 """Extra wait after a quota pause, so that the Router's cooldown of the same
 length (started a moment later) is over too and it does not refuse the call."""
 MAX_LOCAL_REFUSALS = 8
@@ -96,6 +100,8 @@ class Completion:
     model: str = ""
     refusal: str | None = None
     cached: bool = False
+    paid_by: str = ""
+    """``run id/session`` of the session that paid for it, when a run did."""
 
     @property
     def total_tokens(self) -> int:
@@ -201,6 +207,11 @@ class ModelClient:
         self._semaphore = asyncio.Semaphore(config.concurrency)
         self._gates = QuotaGates()
         self._group_limits = {name: _GroupLimits(g) for name, g in self.table.groups.items()}
+        self.run_id: str | None = None
+        """The run this client's calls belong to (set when a run starts)."""
+        self._session = uuid.uuid4().hex[:12]
+        self._rejected: dict[str, ModelCallError] = {}
+        """Groups whose server rejected the key (401/403), with the error."""
         self.router = litellm.Router(
             model_list=self.table.model_list, num_retries=0, **self.table.router_settings
         )
@@ -266,7 +277,8 @@ class ModelClient:
         recorded = await self.call_log.get(key)
         if recorded is not None:
             completion = _replace(recorded, cached=True)
-            self.usage.cached_calls += 1
+            if not self._paid_earlier_in_this_run(recorded):
+                self.usage.cached_calls += 1
             self._notify(role, completion)
             return completion
 
@@ -274,6 +286,17 @@ class ModelClient:
         self._notify(role, completion)
 
         return completion
+
+    def _paid_earlier_in_this_run(self, recorded: Completion) -> bool:
+        """Whether an earlier session of this run paid for a recorded call.
+
+        A resume replays those from the log; they were counted as paid in
+        ``calls`` by that session, and are not counted again as cached.
+        """
+        if self.run_id is None or not recorded.paid_by:
+            return False
+        run_id, _, session = recorded.paid_by.rpartition("/")
+        return run_id == self.run_id and session != self._session
 
     async def _send_routed(
         self, role: Role, messages: list[dict[str, str]], params: dict[str, Any], key: str
@@ -341,13 +364,19 @@ class ModelClient:
         params: dict[str, Any],
         key: str,
     ) -> Completion:
+        if name in self._rejected:
+            # The group's key was rejected: no call to it can succeed.
+            raise self._rejected[name]
         tally = _Tally()
         retrying = AsyncRetrying(
             stop=tally.stop_after(self.config.max_retries + 1),
             wait=_wait_retry_after,
-            retry=retry_if_exception(_is_transient),
+            retry=retry_if_exception(
+                lambda exc: _is_transient(exc) and name not in self._rejected
+            ),
+            sleep=self._sleep_before_retry,
             before_sleep=functools.partial(
-                _log_retry, role, name, self._mask, self._pause_of(name)
+                _log_retry, role, name, self._mask, self._pause_of(name), tally
             ),
             reraise=True,
         )
@@ -360,7 +389,12 @@ class ModelClient:
         except (ModelCallError, BudgetExceeded, StoreError):
             raise
         except Exception as exc:
-            raise self._translate(name, exc, tally) from exc
+            if name in self._rejected and _refused_locally(exc):
+                raise self._rejected[name] from exc
+            error = self._translate(name, exc, tally)
+            if _is_auth_error(exc):
+                self._rejected.setdefault(name, error)
+            raise error from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _send_once(
@@ -376,33 +410,50 @@ class ModelClient:
         limits = self._limits_of(name)
         prompt_tokens = limits.count("\n".join(m["content"] for m in messages))
         estimate = prompt_tokens + params["max_tokens"]
-        async with limits.parallel:
-            await self._gates.wait_any(self._quotas_of(group), margin_s=QUOTA_MARGIN_S)
-            await limits.pace(estimate)
-            async with self._semaphore:
-                reservation = self.budget.reserve(estimate, _cost_of(group, estimate, 0))
-                metadata: dict[str, Any] = {}
-                started = time.monotonic()
-                try:
-                    response = await self._post(name, group, messages, params, metadata)
-                except BaseException as exc:
-                    self._record_failure(
-                        group, reservation, exc, prompt_tokens, metadata, tally
-                    )
-                    raise
-                tally.sent += 1
-                self.usage.calls += 1
-                completion = self._completion_from(
-                    role, group, messages, response, metadata
+        budget = self.budget
+        async with contextlib.AsyncExitStack() as held:
+            # Every wait below ends when the run's time is up (or a budget stops it).
+            if limits.parallel is not None:
+                slot = limits.parallel
+                await budget.within_time(slot.acquire(), slot.release)
+                held.callback(limits.parallel.release)
+            await self._wait_for_quota(role, name, group)
+            delay, limit = limits.pace_delay(estimate)
+            if delay >= LONG_PACE_WAIT_S:
+                logger.info(
+                    "%s call to %s: waiting %.0f s for the group's %s pace "
+                    "(a bucket in debt after a larger request)",
+                    role, name, delay, limit,
                 )
-                self.budget.settle(reservation, completion.total_tokens, completion.cost_usd)
-                _raise_if_error_body(response)
-                # Recorded before the slot is freed: at any moment at most
-                # `concurrency` calls are paid for and not yet in the call log.
-                # A reply no run could use (empty, refused, not the JSON asked
-                # for) is not recorded: once the server is fixed, it is asked again.
-                if _usable(completion, params):
-                    await self.call_log.put(key, completion)
+            await budget.within_time(limits.pace(estimate))
+            await budget.within_time(self._semaphore.acquire(), self._semaphore.release)
+            held.callback(self._semaphore.release)
+            reservation = await budget.admit(estimate, _cost_of(group, estimate, 0))
+            metadata: dict[str, Any] = {}
+            started = time.monotonic()
+            try:
+                response = await self._post(name, group, messages, params, metadata)
+            except BaseException as exc:
+                self._record_failure(
+                    group, reservation, exc, prompt_tokens, metadata, tally
+                )
+                raise
+            tally.sent += 1
+            self.usage.calls += 1
+            completion = self._completion_from(
+                role, group, messages, response, metadata
+            )
+            self.budget.settle(reservation, completion.total_tokens, completion.cost_usd)
+            _raise_if_error_body(response)
+            # Recorded before the slot is freed: at any moment at most
+            # `concurrency` calls are paid for and not yet in the call log.
+            # A reply no run could use (empty, refused, not the JSON asked
+            # for) is not recorded: once the server is fixed, it is asked again.
+            if _usable(completion, params):
+                if self.run_id is not None:
+                    paid_by = f"{self.run_id}/{self._session}"
+                    completion = _replace(completion, paid_by=paid_by)
+                await self.call_log.put(key, completion)
         logger.debug(
             "%s call to %s: %d+%d tokens, %s, %.2f s", role, name,
             completion.prompt_tokens, completion.completion_tokens,
@@ -411,6 +462,34 @@ class ModelClient:
         self._account(completion)
 
         return completion
+
+    async def _wait_for_quota(self, role: Role, name: str, group: Group) -> None:
+        """Wait while every quota of the group is paused; stop if it outlasts the run."""
+        quotas = self._quotas_of(group)
+        pause = self._gates.pause_any(quotas)
+        if pause <= 0:
+            return
+        remaining = self.budget.remaining_s()
+        if remaining is not None and pause + QUOTA_MARGIN_S >= remaining:
+            logger.info(
+                "%s call to %s: its quota is paused %.1f s, longer than the %.1f s "
+                "the run has left", role, name, pause, max(remaining, 0.0),
+            )
+            raise self.budget.time_up()
+        await self.budget.within_time(
+            self._gates.wait_any(quotas, margin_s=QUOTA_MARGIN_S)
+        )
+
+    async def _sleep_before_retry(self, seconds: float) -> None:
+        """Tenacity's sleep: a wait longer than the time left stops the run now."""
+        remaining = self.budget.remaining_s()
+        if remaining is not None and seconds >= remaining:
+            logger.info(
+                "a retry wait of %.1f s is longer than the %.1f s the run has left",
+                seconds, max(remaining, 0.0),
+            )
+            raise self.budget.time_up()
+        await self.budget.within_time(asyncio.sleep(seconds))
 
     async def _post(
         self,
@@ -463,6 +542,11 @@ class ModelClient:
         deployment = self._deployment_of(metadata)
         if deployment is not None:
             tally.deployment = deployment
+        if _is_auth_error(exc):
+            # Not transient: later attempts of this call (and other calls to
+            # the group) fail at once instead of waiting out cooldowns.
+            rejected = self._translate(group.name, exc, tally)
+            self._rejected.setdefault(group.name, rejected)
         if not _timed_out(exc):
             self.budget.settle(reservation, 0, 0.0)
             self._block_quota_after(group, deployment, exc)
@@ -506,11 +590,13 @@ class ModelClient:
             self._gates.block(quota, wait)
             paused = self.table.sharing_quota(quota)
             logger.info(
-                "quota %s paused %.1f s after a rate limit from %s: %s wait",
+                "quota %s paused %.1f s%s after a rate limit from %s: %s wait",
                 quota,
                 wait,
+                _capped_note(_headers_of(exc)),
                 deployment.describe() if deployment else group.name,
-                ", ".join(d.describe() for d in paused),
+                # Roles may share a deployment's model and server: name each once.
+                ", ".join(dict.fromkeys(d.describe() for d in paused)),
             )
             cooldowns = self.router.health().cooldowns
             for other in paused:
@@ -593,7 +679,7 @@ class ModelClient:
                 # A refused connection fails every call alike.
                 systemic=True,
             )
-        if isinstance(exc, litellm.AuthenticationError):
+        if _is_auth_error(exc):
             return ModelCallError(
                 f"{model} rejected the API key ({detail}). Set the provider's key "
                 "variable (e.g. OPENAI_API_KEY) or pass --api-key.",
@@ -650,12 +736,18 @@ class _GroupLimits:
 
     def __init__(self, group: Group) -> None:
         self.count = token_counter(group.models[0])
-        self.parallel: Any = (
-            asyncio.Semaphore(group.max_parallel) if group.max_parallel else contextlib.nullcontext()
+        self.parallel = (
+            asyncio.Semaphore(group.max_parallel) if group.max_parallel else None
         )
         # A bucket holding one second's worth: steady pacing, no minute-long bursts.
         self._rpm = Pacer(group.rpm / 60, group.rpm / 60) if group.rpm else None
         self._tpm = Pacer(group.tpm / 60, group.tpm / 60) if group.tpm else None
+
+    def pace_delay(self, tokens: int) -> tuple[float, str]:
+        """The longer of the rpm and tpm waits a request of ``tokens`` faces now."""
+        rpm = self._rpm.delay(1) if self._rpm is not None else 0.0
+        tpm = self._tpm.delay(tokens) if self._tpm is not None else 0.0
+        return (rpm, "rpm") if rpm >= tpm else (tpm, "tpm")
 
     async def pace(self, tokens: int) -> None:
         """Wait until the group's rpm and tpm allow one more request of ``tokens``."""
@@ -755,6 +847,13 @@ def _timed_out(exc: BaseException) -> bool:
     return isinstance(exc, litellm.Timeout | asyncio.TimeoutError)
 
 
+def _is_auth_error(exc: BaseException) -> bool:
+    """Whether a server rejected the key (401 or 403): never transient."""
+    import litellm
+
+    return isinstance(exc, litellm.AuthenticationError | litellm.PermissionDeniedError)
+
+
 def _refused_locally(exc: BaseException) -> bool:
     """Whether the Router refused an attempt without sending it."""
     import litellm
@@ -805,10 +904,19 @@ def _raise_if_error_body(response: Any) -> None:
 def retry_after_seconds(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
     """Read a server's requested wait from ``Retry-After`` or ``retry-after-ms``.
 
-    Accepts seconds (integer or decimal) and HTTP dates. Negative, empty or
-    unparsable values count as absent. The result is clamped to
-    :data:`MAX_RETRY_WAIT_S`.
+    Accepts seconds (integer or decimal) and HTTP dates; a date counts from the
+    response's own ``Date`` header when it has one (so clocks that disagree do
+    not matter), else from ``now``. Negative, empty or unparsable values count
+    as absent. The result is capped at :data:`MAX_RETRY_WAIT_S`.
     """
+    requested = requested_retry_after(headers, now)
+    return None if requested is None else min(requested, MAX_RETRY_WAIT_S)
+
+
+def requested_retry_after(
+    headers: Mapping[str, str] | None, now: float | None = None
+) -> float | None:
+    """The wait a server asked for, in seconds, before any cap; None if none."""
     if not headers:
         return None
     lowered = {k.lower(): v for k, v in headers.items()}
@@ -819,21 +927,44 @@ def retry_after_seconds(headers: Mapping[str, str] | None, now: float | None = N
         except ValueError:
             value = -1
         if value >= 0:
-            return min(value, MAX_RETRY_WAIT_S)
+            return value
     raw = (lowered.get("retry-after") or "").strip()
     if not raw:
         return None
     try:
         value = float(raw)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(raw) if "," in raw else None
+        parsed = _http_date(raw)
         if parsed is None:
             return None
-        value = parsed.timestamp() - (now if now is not None else time.time())
-        value = max(value, 0.0)
+        served = _http_date(lowered.get("date") or "")
+        if served is None:
+            served = now if now is not None else time.time()
+        value = max(parsed - served, 0.0)
     if value < 0 or value != value:  # negative or NaN: invalid
         return None
-    return min(value, MAX_RETRY_WAIT_S)
+    return value
+
+
+def _http_date(text: str) -> float | None:
+    """Seconds since the epoch of an HTTP date; None when it is not one."""
+    try:
+        parsed = email.utils.parsedate_to_datetime(text.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed is None:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.UTC)
+    return parsed.timestamp()
+
+
+def _capped_note(headers: Mapping[str, str] | None) -> str:
+    """' (Retry-After asked N s; capped at 120 s)' when the cap applied, else ''."""
+    requested = requested_retry_after(headers)
+    if requested is None or requested <= MAX_RETRY_WAIT_S:
+        return ""
+    return f" (Retry-After asked {requested:.0f} s; capped at {MAX_RETRY_WAIT_S:.0f} s)"
 
 
 _backoff = wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)
@@ -886,6 +1017,7 @@ def _log_retry(
     group: str,
     mask: Callable[[str], str],
     quota_pause: Callable[[], float],
+    tally: _Tally,
     state: RetryCallState,
 ) -> None:
     exc = state.outcome.exception() if state.outcome else None
@@ -894,10 +1026,19 @@ def _log_retry(
     if hasattr(exc, _QUOTA_PAUSED):
         # The quota pause is the wait: none if another quota's deployment is free.
         wait = quota_pause()
+    if exc is not None and _refused_locally(exc):
+        # The Router refusing while the group's deployments cool down or are
+        # paused: nothing was sent, and the pause itself was logged already.
+        if tally.refused == 1:
+            logger.debug(
+                "%s call to %s: the Router holds it back (%s); waiting %.1f s",
+                role, group, mask(_short(exc)), wait,
+            )
+        return
     logger.info(
         "%s call to %s: attempt %d failed (%s); retrying in %.1f s%s",
         role, group, state.attempt_number, mask(_short(exc)), wait,
-        " as Retry-After asked" if told else "",
+        (" as Retry-After asked" + _capped_note(_headers_of(exc))) if told else "",
     )
 
 

@@ -37,7 +37,10 @@ class Usage(_Record):
     """Model calls sent (retries of one call count once each attempt). An
     attempt the Router refused before sending anything is not a call."""
     cached_calls: int = 0
-    """Calls answered from the call log instead of the model."""
+    """Calls answered from the call log that no session of this run paid for
+    (recorded by another run, a dry run's planning call, or asked twice in one
+    session). Calls an earlier session of the run paid for, which a resume
+    replays from the log, are in ``calls`` once and not here."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0

@@ -80,13 +80,22 @@ def start(command: list[str]) -> subprocess.Popen[str]:
 def kill_when(proc: subprocess.Popen[str], server: FakeOpenAIServer, requests: int) -> int:
     """SIGKILL ``proc`` once the double has received ``requests`` requests; return
     how many requests were in flight at that moment."""
+    # A stall, not slowness, fails the test: the 120 s restart with every request
+    # the double receives (under load a whole run to the kill point can take longer).
+    seen = len(server.requests)
     deadline = time.monotonic() + 120
-    while len(server.requests) < requests:
+    while (received := len(server.requests)) < requests:
+        if received > seen:
+            seen, deadline = received, time.monotonic() + 120
         if proc.poll() is not None:
             pytest.fail(f"the run ended before the kill point:\n{proc.stderr.read()}")  # type: ignore[union-attr]
         if time.monotonic() > deadline:
             proc.kill()
-            pytest.fail("the run made no progress for 120 s")
+            _, errors = proc.communicate()
+            pytest.fail(
+                f"the run made no progress for 120 s after {received} requests; "
+                f"its stderr ends:\n{errors[-2000:]}"
+            )
         time.sleep(0.002)
     in_flight = server.in_flight
     proc.send_signal(signal.SIGKILL)

@@ -607,7 +607,7 @@ async def test_router_refusals_are_not_calls_and_do_not_spend_the_budget(
             cooldowns.add_deployment_to_cooldown(
                 deployment_id, RuntimeError("failed"), 500, 0.5
             )
-        with caplog.at_level(logging.INFO, logger="rlm_graph"):
+        with caplog.at_level(logging.DEBUG, logger="rlm_graph"):
             completion = await client.complete("worker", ask(), max_tokens=8)
 
     refusals = [
@@ -615,6 +615,9 @@ async def test_router_refusals_are_not_calls_and_do_not_spend_the_budget(
     ]
     assert completion.text == "ok"
     assert refusals, "the Router refused an attempt while both cooled down"
+    assert len(refusals) == 1 and refusals[0].levelno == logging.DEBUG, (
+        "refusals of one call are logged once, at debug"
+    )
     assert len(server.requests) == 1
     assert client.usage.calls == client.budget.calls == 1, (
         "a refused attempt is no call, and --max-calls 1 still let the real one go"
