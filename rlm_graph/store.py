@@ -533,11 +533,7 @@ async def _open_postgres(url: str) -> AsyncIterator[Store]:
             # One opener at a time makes the tables (see _open_sqlite).
             # Polled, not waited on: a waiting statement is an open transaction,
             # and the setup's CREATE INDEX CONCURRENTLY waits for those to end.
-            while True:
-                cursor = await lock_conn.execute("SELECT pg_try_advisory_lock(%s)", (_SETUP_LOCK_KEY,))
-                row = await cursor.fetchone()
-                if row and row[0]:
-                    break
+            while not await _pg_try_lock(lock_conn, _SETUP_LOCK_KEY):
                 await asyncio.sleep(0.1)
             try:
                 await saver.setup()
@@ -673,6 +669,13 @@ class _FileLocker(_Locker):
             return False
 
 
+async def _pg_try_lock(conn: Any, key: int) -> bool:
+    """Take the session advisory lock ``key`` if it is free; never waits."""
+    cursor = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+    row = await cursor.fetchone()
+    return bool(row and row[0])
+
+
 PG_BUSY_GRACE_S = 5.0
 """How long a PostgreSQL run lock is tried before the run is called busy."""
 
@@ -694,11 +697,7 @@ class _PostgresLocker(_Locker):
         # A holder killed a moment ago keeps its lock until its server process
         # sees the connection gone: try for a few seconds before saying busy.
         deadline = time.monotonic() + PG_BUSY_GRACE_S
-        while True:
-            cursor = await self._conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
-            row = await cursor.fetchone()
-            if row and row[0]:
-                break
+        while not await _pg_try_lock(self._conn, key):
             if time.monotonic() >= deadline:
                 raise _busy(run_id)
             await asyncio.sleep(0.2)
