@@ -23,7 +23,7 @@ if TYPE_CHECKING:
         SourceError,
         StoreError,
     )
-    from rlm_graph.result import Citation, Failure, Result, TaskNode, Usage
+    from rlm_graph.result import Citation, Failure, Joined, Result, TaskNode, Usage
     from rlm_graph.config import RunConfig
     from rlm_graph.api import aresume, arun, resume, run
 
@@ -33,6 +33,7 @@ __all__ = [
     "ConfigError",
     "ContextWindowError",
     "Failure",
+    "Joined",
     "ModelCallError",
     "Result",
     "ResumeMismatchError",
@@ -57,6 +58,7 @@ _WHERE = {
     "ConfigError": "rlm_graph.errors",
     "ContextWindowError": "rlm_graph.errors",
     "Failure": "rlm_graph.result",
+    "Joined": "rlm_graph.result",
     "ModelCallError": "rlm_graph.errors",
     "Result": "rlm_graph.result",
     "ResumeMismatchError": "rlm_graph.errors",

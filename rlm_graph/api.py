@@ -28,8 +28,8 @@ from rlm_graph.graph import build_graph, outcome_of
 from rlm_graph.models import ModelClient
 from rlm_graph.nodes.delegate import Engine, Event
 from rlm_graph.nodes.plan import make_plan
-from rlm_graph.nodes.types import Outcome, Plan
-from rlm_graph.result import Citation, Failure, Result, TaskNode, Usage
+from rlm_graph.nodes.types import Answer, Outcome, Plan, entity_key
+from rlm_graph.result import Citation, Failure, Joined, Result, TaskNode, Usage
 from rlm_graph.source import Source, load_source, source_from_text
 from rlm_graph.store import RunRecord, SourceInfo, Store, open_store, source_files_info
 
@@ -376,6 +376,7 @@ def build_result(run_id: str, engine: Engine, outcome: Outcome, *, elapsed_s: fl
         answer=answer.value if answer is not None else None,
         found=bool(answer and answer.found),
         citations=[_citation(source, e.start, e.end) for e in (answer.evidence if answer else ())],
+        joined=_joined(source, answer, engine.plan.conditions) if answer is not None else [],
         usage=engine.client.usage.model_copy(),
         failures=failures,
         tree=_tree(source, outcome),
@@ -662,6 +663,23 @@ def _citation(source: Source, start: int, end: int) -> Citation:
         line=location.line,
         quote=source.text[start:end],
     )
+
+
+def _joined(source: Source, answer: Answer, conditions: tuple[str, ...]) -> list[Joined]:
+    """A join answer's entities, each with its quote per condition."""
+    if answer.kind != "join":
+        return []
+    by_entity: dict[str, dict[int, Citation]] = {}
+    for match in answer.matches:
+        found = _citation(source, match.evidence.start, match.evidence.end)
+        by_entity.setdefault(entity_key(match.entity), {}).setdefault(match.condition, found)
+    joined = []
+    for item in answer.items:
+        quotes = by_entity.get(entity_key(item.text), {})
+        joined.append(Joined(entity=item.text, citations={
+            condition: quotes[index] for index, condition in enumerate(conditions) if index in quotes
+        }))
+    return joined
 
 
 def _answered_any(outcome: Outcome) -> bool:

@@ -390,6 +390,8 @@ def _leaf_overhead(engine: Engine) -> int:
             feedback=None,
             file_hint=engine.source.locate(0).file.name,
             record_schema=plan.record_schema,
+            conditions=plan.conditions,
+            entity=plan.entity,
         )
         cached = engine.client.count_tokens(
             "worker", "\n".join(m["content"] for m in empty)

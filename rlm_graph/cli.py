@@ -88,8 +88,12 @@ def main() -> None:
 @_CONCURRENCY
 @click.option("--fan-out", type=int, help="Most child spans one split makes (default 8).")
 @click.option("--fan-in", type=int, help="Most answers one free-text merge call reads (default 8).")
-@click.option("--kind", type=click.Choice(["auto", "text", "short", "list", "count", "table", "yesno", "schema"]),
+@click.option("--kind", type=click.Choice(["auto", "text", "short", "list", "count", "table", "yesno", "schema", "join"]),
               help="Answer kind (default: the plan decides).")
+@click.option("--condition", "conditions", multiple=True, metavar="TEXT",
+              help="For --kind join, repeated: a condition each listed entity must meet "
+              "('has a refund record'); each may be met in a different part of the source.")
+@click.option("--entity", help="For --kind join: what the answer lists, as a plural noun ('users').")
 @click.option("--schema", "schema_file", metavar="FILE",
               help="JSON Schema file of one record: the answer is a list of such records.")
 @click.option("--sub-question", help="What each piece is asked (default: the plan decides).")
@@ -119,7 +123,7 @@ def run_command(
 ) -> None:
     """Answer QUESTION over SOURCE files, directories or '-' (stdin)."""
     schema_file = options.pop("schema_file", None)
-    settings = {key: value for key, value in options.items() if value is not None}
+    settings = {key: value for key, value in options.items() if value is not None and value != ()}
     if settings.get("api_key"):
         _RedactSecrets.known.add(settings["api_key"])
     progress = _Progress(enabled=sys.stderr.isatty(), store=store)
@@ -828,6 +832,13 @@ def _refuse_conflicts(
             "of records (kind schema). Drop one of them."
         )
         raise ConfigError(msg)
+    if settings.get("conditions") and (schema_file or kind not in (None, "auto", "join")):
+        given = "--schema" if schema_file else f"--kind {kind}"
+        msg = f"--condition is for --kind join; {given} conflicts with it. Drop one of them."
+        raise ConfigError(msg)
+    if settings.get("entity") and not settings.get("conditions") and kind not in (None, "auto", "join"):
+        msg = f"--entity is for --kind join, not --kind {kind}. Drop it."
+        raise ConfigError(msg)
     if dry_run and run_id:
         msg = "--dry-run makes no run, so --run-id has nothing to name. Drop one."
         raise ConfigError(msg)
@@ -906,6 +917,26 @@ def _print_estimate(engine: Any, as_json: bool) -> None:
     )
 
 
+JOINED_SHOWN = 20
+
+
+def _joined_text(result: Any) -> str:
+    """A join answer: each entity, then per condition where the source shows it."""
+    conditions = (result.plan or {}).get("conditions") or []
+    if not result.joined:
+        return f"(no entity meets all {len(conditions)} conditions)"
+    lines = []
+    for joined in result.joined[:JOINED_SHOWN]:
+        lines.append(f"- {joined.entity}")
+        for condition, citation in joined.citations.items():
+            quote = " ".join(citation.quote.split())
+            lines.append(f"    {condition}: {citation.source}:{citation.line}  \"{quote[:120]}\"")
+    if len(result.joined) > JOINED_SHOWN:
+        rest = result.joined[JOINED_SHOWN:]
+        lines.append(f"- ... and {len(rest)} more: {', '.join(j.entity for j in rest)}")
+    return "\n".join(lines)
+
+
 def _print_human(result: Any) -> None:
     if result.status == "failed":
         answer = "no answer: every part failed (see failures)"
@@ -913,6 +944,8 @@ def _print_human(result: Any) -> None:
         answer = "no answer yet: the run stopped before any part was answered"
     elif result.kind == "list":
         answer = "\n".join(f"- {item}" for item in result.answer or []) or "(nothing found)"
+    elif result.kind == "join":
+        answer = _joined_text(result)
     elif result.kind == "table":
         answer = "\n".join(f"{label}: {n}" for label, n in (result.answer or {}).items()) or "(nothing found)"
     elif result.kind == "yesno":
@@ -934,7 +967,7 @@ def _print_human(result: Any) -> None:
             "source could not be answered, so this covers the rest only; see "
             "the warnings)"
         )
-    if result.citations:
+    if result.citations and result.kind != "join":  # a join shows its quotes per entity
         click.echo("\nCitations:")
         for citation in result.citations[:20]:
             quote = " ".join(citation.quote.split())

@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["AnswerKind", "RunConfig"]
 
-AnswerKind = Literal["auto", "text", "short", "list", "count", "table", "yesno", "schema"]
+AnswerKind = Literal["auto", "text", "short", "list", "count", "table", "yesno", "schema", "join"]
 
 
 class RunConfig(BaseSettings):
@@ -89,6 +89,16 @@ class RunConfig(BaseSettings):
     sub_question: str | None = None
     """What each piece is asked, instead of the planned sub-question."""
 
+    conditions: tuple[str, ...] = ()
+    """For the ``join`` kind: the conditions an entity must meet, each of which
+    may be met in a different part of the source (``--condition``, repeated).
+    Setting them makes the kind ``join``; empty lets the plan find them in the
+    question's wording."""
+
+    entity: str | None = None
+    """For the ``join`` kind: what the answer lists, as a plural noun
+    (``users``); default: the noun the question names, else ``entities``."""
+
     planner: Literal["model", "rules"] = "model"
     """Who plans: the root model, from a preview of the source (fields it gets
     wrong fall back to rules), or the rules alone (no planning call)."""
@@ -156,6 +166,18 @@ class RunConfig(BaseSettings):
                 raise ValueError(msg) from exc
         return value or None
 
+    @field_validator("conditions")
+    @classmethod
+    def _clean_conditions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        cleaned = tuple(" ".join(c.split()) for c in value)
+        if any(not c for c in cleaned):
+            msg = "a join condition is empty; give each --condition some words"
+            raise ValueError(msg)
+        if any(len(c) > 200 for c in cleaned):
+            msg = "a join condition is longer than 200 characters; shorten it"
+            raise ValueError(msg)
+        return cleaned
+
     @field_validator("answer_schema")
     @classmethod
     def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -174,7 +196,7 @@ class RunConfig(BaseSettings):
         _check_refs(value)
         return value
 
-    @field_validator("model", "worker_model", "judge_model", "api_base")
+    @field_validator("model", "worker_model", "judge_model", "api_base", "entity")
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():

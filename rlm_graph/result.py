@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Citation", "Failure", "Result", "RunStatus", "TaskNode", "Usage"]
+__all__ = ["Citation", "Failure", "Joined", "Result", "RunStatus", "TaskNode", "Usage"]
 
 RunStatus = Literal["done", "partial", "failed", "stopped"]
 
@@ -28,6 +28,16 @@ class Citation(_Record):
     """1-based line of the quote's start."""
     quote: str
     """The quoted text, exactly as it stands in the source."""
+
+
+class Joined(_Record):
+    """One entity of a join answer and, per condition, a quote showing it meets it."""
+
+    entity: str
+    """The entity as first written in the source."""
+    citations: dict[str, Citation]
+    """Condition (as planned) to the first place in the source that shows the
+    entity meets it; one entry per condition, in the plan's order."""
 
 
 class Usage(_Record):
@@ -113,16 +123,21 @@ class Result(_Record):
     it; failed: no part could be answered."""
     question: str
     kind: str
-    """Answer kind: text, list, count, table, yesno or schema."""
+    """Answer kind: text, short, list, count, table, yesno, schema or join."""
     answer: Any
     """Depends on ``kind``: text; a list of strings; an integer; a
     ``{label: count}`` dict; True/False (False with ``found`` False when no
-    evidence was found); a list of records (dicts valid under the schema).
+    evidence was found); a list of records (dicts valid under the schema); for
+    ``join``, the sorted list of entities that meet every condition (``joined``
+    has their quotes).
     With status ``partial`` it covers only the parts that were answered; with
     status ``failed`` (no part answered) it is None for every kind."""
     found: bool = True
     """False when no part of the source answered the question."""
     citations: list[Citation] = Field(default_factory=list)
+    joined: list[Joined] = Field(default_factory=list)
+    """Join answers: each listed entity with one quote per condition (the same
+    quotes are in ``citations``, in source order). Empty for other kinds."""
     usage: Usage = Field(default_factory=Usage)
     failures: list[Failure] = Field(default_factory=list)
     tree: TaskNode | None = None

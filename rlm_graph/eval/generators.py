@@ -8,7 +8,7 @@ Four families, after the benchmarks recursive models are judged on:
   thousands of labelled records; how many carry a label, which of two labels is
   more common.
 - :func:`pairs_task` (OOLONG-Pairs-style): users that have records of two labels,
-  often far apart in the source.
+  often far apart in the source (a ``join`` question: one reader per condition).
 - :func:`multidoc_task`: a folder of memos; how many report a given fact.
 
 Every instance is a pure function of its arguments (``random.Random(seed)``), so
@@ -49,7 +49,7 @@ CHARS_PER_TOKEN = 4.0
 4.1); sizes are targets in tokens, met within a few per cent."""
 
 TaskFamily = Literal["needle", "count", "compare", "pairs", "multidoc"]
-AnswerKind = Literal["text", "short", "list", "count", "table", "yesno"]
+AnswerKind = Literal["text", "short", "list", "count", "table", "yesno", "join"]
 
 _BOOK = Path(__file__).resolve().parents[2] / "examples" / "alice_in_wonderland.txt"
 _LABELS = ("refund", "shipping", "billing", "login", "warranty", "delivery")
@@ -84,6 +84,16 @@ class Instance:
     read: Callable[[str], Reading] = field(repr=False, compare=False)
     """Truthful answer over a visible excerpt (used by the reading double)."""
     meta: dict[str, Any] = field(default_factory=dict)
+    conditions: tuple[str, ...] = ()
+    """For ``join`` tasks: the conditions, worded as the rules planner reads
+    them from the question (all methods are given them)."""
+    entity: str | None = None
+    """For ``join`` tasks: what the answer lists (``users``)."""
+    condition_readers: dict[str, Callable[[str], Reading]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+    """For ``join`` tasks: per condition, the truthful reader of an excerpt
+    (the entities in it that meet that condition, one quote each)."""
 
     @property
     def chars(self) -> int:
@@ -250,10 +260,22 @@ def pairs_task(tokens: int, *, seed: int = 0) -> Instance:
     rng = random.Random(f"pairs/{seed}/{tokens}")
     text, rows = _records(rng, tokens)
     first, second = rng.sample(_LABELS, 2)
+    conditions = (f"have a {first} record", f"have a {second} record")
 
     line = re.compile(
         r"^Record \d+ \| user (U\d{4}) \| label: (\w+) \|.*$", re.MULTILINE
     )
+
+    def label_reader(label: str) -> Callable[[str], Reading]:
+        def read_label(excerpt: str) -> Reading:
+            quotes: dict[str, str] = {}
+            for match in line.finditer(excerpt):
+                if match.group(2) == label:
+                    quotes.setdefault(match.group(1), match.group(0))
+            users = sorted(quotes)
+            return Reading(users, tuple(quotes[u] for u in users))
+
+        return read_label
 
     def read(excerpt: str) -> Reading:
         seen: dict[str, set[str]] = {}
@@ -276,12 +298,17 @@ def pairs_task(tokens: int, *, seed: int = 0) -> Instance:
             name=f"pairs-{_size(tokens)}",
             files={"records.txt": text},
             question=f"List the users who have both a {first} record and a {second} record.",
-            kind="list",
+            kind="join",
             expected=expected,
             target_tokens=tokens,
             seed=seed,
             read=read,
             meta={"labels": [first, second]},
+            conditions=conditions,
+            entity="users",
+            condition_readers={
+                conditions[0]: label_reader(first), conditions[1]: label_reader(second)
+            },
         )
     )
 

@@ -97,13 +97,15 @@ async def run_eval(
     ``<instance>/<file>`` (:func:`instance_source`): no machine path reaches a
     prompt, so a seed gives the same prompts, tokens and answers on every run
     and machine. The answer kind is fixed per instance for all methods alike
-    (``config.kind`` is set to the instance's kind), so the comparison measures
-    structure, not wording.
+    (``config.kind`` is set to the instance's kind, and a join's conditions to
+    the instance's), so the comparison measures structure, not wording.
     """
     rows: list[Row] = []
     for instance in instances:
         source = instance_source(instance)
-        run_config = config.model_copy(update={"kind": instance.kind})
+        run_config = config.model_copy(update={
+            "kind": instance.kind, "conditions": instance.conditions, "entity": instance.entity,
+        })
         for method in methods:
             run = await run_method(method, instance, source, run_config)
             row = Row(

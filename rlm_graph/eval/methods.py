@@ -5,7 +5,8 @@
   same size and overlap rlm-graph uses; every span gets one call with the same
   leaf prompt (spans without a match of ``config.filter`` are skipped, as
   rlm-graph skips them); one model call merges the partial answers (as many as
-  fit its window), with no verification and no recursion.
+  fit its window), with no verification and no recursion. A join span's
+  partial answer lists each entity with the conditions it meets there.
 - ``rlm``: rlm-graph itself (:func:`rlm_graph.arun`).
 
 Each returns a :class:`MethodRun`: the answer value, calls, tokens, cost, time.
@@ -121,8 +122,11 @@ async def _direct(
     budget = _leaf_budget(instance, source, whole, client, window)
     text = _truncate(source.text, budget, lambda t: client.count_tokens("worker", t))
     completion = await _leaf_call(instance, text, client, config, source)
-
-    return _value(config.kind, completion)
+    value = _value(config.kind, completion)
+    if config.kind == "join":
+        # One call saw everything it was sent: it joins what it found.
+        return _joined(value, len(config.conditions)) if value is not None else None
+    return value
 
 
 async def _mapreduce(
@@ -152,7 +156,10 @@ async def _mapreduce(
             for start, end in spans
         )
     )
-    partials = [_render(_value(config.kind, c)) for c in completions]
+    if config.kind == "join":
+        partials = [_render_join(_value("join", c), config.conditions) for c in completions]
+    else:
+        partials = [_render(_value(config.kind, c)) for c in completions]
     return await _model_merge(instance, partials, client, config, window)
 
 
@@ -181,13 +188,16 @@ async def _leaf_call(
     task = Task(
         id="0", start=0, end=len(text), depth=0, question=instance.question, tokens=0
     )
-    messages = leaf_messages(kind, task, text, feedback=None, file_hint=source.files[0].name)
+    messages = leaf_messages(
+        kind, task, text, feedback=None, file_hint=source.files[0].name,
+        conditions=config.conditions, entity=config.entity,
+    )
     try:
         return await client.complete(
             "worker",
             messages,
             max_tokens=config.max_output_tokens,
-            schema=schema_for(kind),
+            schema=schema_for(kind, conditions=len(config.conditions)),
         )
     except Exception as exc:
         logger.info("leaf call failed: %s", exc)
@@ -205,6 +215,8 @@ async def _model_merge(
     if not stated:
         return None
     if len(stated) == 1:
+        if config.kind == "join":
+            return _joined(_parse_join_partial(stated[0], config.conditions), len(config.conditions))
         return _parse_merged(config.kind, stated[0])
     # One flat merge call: the partial answers that fit its window, in order.
     limit = int(window * 0.9) - config.max_output_tokens - 200
@@ -258,6 +270,13 @@ def _value(kind: str, completion: Completion | None) -> Any:
             for i in data.get("items") or []
             if isinstance(i, dict)
         ]
+    if kind == "join":
+        met: dict[str, set[int]] = {}
+        for match in data.get("matches") or []:
+            if isinstance(match, dict) and isinstance(match.get("condition"), int):
+                met.setdefault(str(match.get("entity", "")).strip(), set()).add(match["condition"])
+        met.pop("", None)
+        return met
     if kind == "table":
         rows = data.get("rows") or []
         return {
@@ -279,11 +298,37 @@ def _render(value: Any) -> str:
     return str(value)
 
 
+def _joined(met: dict[str, set[int]], conditions: int) -> list[str]:
+    """The entities a reply shows meeting every condition (numbered from 1)."""
+    wanted = set(range(1, conditions + 1))
+    return sorted(entity for entity, numbers in met.items() if numbers >= wanted)
+
+
+def _render_join(met: dict[str, set[int]] | None, conditions: tuple[str, ...]) -> str:
+    """A span's join reply as a partial answer a merge model can read: each
+    entity with the conditions it meets there, in words."""
+    if not met:
+        return ""
+    return "; ".join(
+        f"{entity} ({', '.join(conditions[n - 1] for n in sorted(numbers) if 0 < n <= len(conditions))})"
+        for entity, numbers in sorted(met.items())
+    )
+
+
+def _parse_join_partial(text: str, conditions: tuple[str, ...]) -> dict[str, set[int]]:
+    """Read back :func:`_render_join`."""
+    met: dict[str, set[int]] = {}
+    for entity, said in re.findall(r"([^;()]+?) \(([^()]*)\)", text):
+        numbers = {i + 1 for i, c in enumerate(conditions) if c in said}
+        met.setdefault(entity.strip(), set()).update(numbers)
+    return met
+
+
 def _parse_merged(kind: str, text: str) -> Any:
     if kind == "count":
         number = re.search(r"\d+", text)
         return int(number.group(0)) if number else None
-    if kind == "list":
+    if kind in ("list", "join"):
         return [v.strip() for v in text.split(";") if v.strip()]
     if kind == "table":
         return {label: int(n) for label, n in re.findall(r"(\w+): (\d+)", text)}

@@ -6,8 +6,10 @@ takes the excerpt between the ``<<<`` and ``>>>`` marks and the question, and
 answers with the generator's reader applied to *that excerpt only*, so a method
 that never sends the needle never gets it back. For a merge prompt it combines
 the partial answers it is shown the way a careful model would (it adds numbers
-exactly and unions lists) but, like a model, it cannot tell which partial
-answers counted the same record twice, and it sees only what fits its window.
+exactly, unions lists, and joins the entities of join partial answers) but,
+like a model, it cannot tell which partial answers counted the same record
+twice, and it sees only what fits its window. A join leaf prompt is answered
+per condition it numbers, with the generator's reader for that condition.
 Each reply follows the JSON schema the request asked for.
 """
 
@@ -38,20 +40,60 @@ def reading_responder(
         instances: the tasks whose questions it may be asked; a question it does
             not know is answered "not stated".
     """
-    readers = {i.question: i.read for i in instances}
+    known = {i.question: i for i in instances}
+    readers = {question: i.read for question, i in known.items()}
 
     def respond(request: ModelRequest) -> Reply | str:
         question_match = _QUESTION.search(request.prompt)
         question = question_match.group(1).strip() if question_match else ""
         schema = _schema(request)
+        instance = known.get(question)
+        joins = instance is not None and instance.kind == "join"
         if "partial answers" in request.prompt:
+            if joins:
+                return json.dumps({"answer": _merge_join(request.prompt, instance.conditions)})
             return json.dumps({"answer": _merge(request.prompt, question)})
         excerpt = _EXCERPT.search(request.prompt)
+        if "matches" in schema.get("properties", {}):
+            found = _read_join(request.prompt, excerpt.group(1) if excerpt else "", instance)
+            return json.dumps({"matches": found})
         read = readers.get(question)
         reading = read(excerpt.group(1)) if read and excerpt else Reading(None)
         return json.dumps(_format(reading, schema))
 
     return respond
+
+
+_CONDITION = re.compile(r"^(\d+)\. (.+)$", re.MULTILINE)
+
+
+def _read_join(prompt: str, excerpt: str, instance: Instance | None) -> list[dict[str, Any]]:
+    """A join leaf: for each condition the prompt numbers (after the excerpt),
+    the entities of the excerpt that meet it, by that condition's reader."""
+    if instance is None:
+        return []
+    asked = prompt[prompt.rfind(">>>") :]
+    matches = []
+    for number, condition in _CONDITION.findall(asked):
+        read = instance.condition_readers.get(condition.strip())
+        if read is None:
+            continue
+        reading = read(excerpt)
+        for entity, quote in zip(reading.value or [], reading.quotes, strict=False):
+            matches.append({"entity": entity, "condition": int(number), "quote": quote})
+    return matches
+
+
+def _merge_join(prompt: str, conditions: tuple[str, ...]) -> str:
+    """Join the partial answers shown as a careful model would: an entity is
+    listed when the partials shown, taken together, have it meet every
+    condition. Partials cut off by the window are not seen."""
+    met: dict[str, set[str]] = {}
+    for partial in _PARTIAL.findall(prompt):
+        for entity, said in re.findall(r"([^;()]+?) \(([^()]*)\)", partial):
+            met.setdefault(entity.strip(), set()).update(c for c in conditions if c in said)
+    joined = sorted(e for e, seen in met.items() if seen >= set(conditions))
+    return "; ".join(joined) if joined else _NOT_STATED
 
 
 def _schema(request: ModelRequest) -> dict[str, Any]:

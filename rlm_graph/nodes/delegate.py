@@ -334,6 +334,7 @@ class Engine:
             self.plan.kind, task, self.source.text[task.start : task.end],
             feedback=feedback, file_hint=location.file.name,
             record_schema=self.plan.record_schema,
+            conditions=self.plan.conditions, entity=self.plan.entity,
         )
         prompt_tokens = self.client.count_tokens("worker", "\n".join(m["content"] for m in messages))
         if prompt_tokens + max_tokens > self.plan.window:
@@ -343,7 +344,8 @@ class Engine:
                 f"{self.plan.window}-token window"
             ))
         return await self.call(
-            "worker", messages, max_tokens, schema_for(self.plan.kind, self.plan.record_schema)
+            "worker", messages, max_tokens,
+            schema_for(self.plan.kind, self.plan.record_schema, conditions=len(self.plan.conditions)),
         )
 
     async def call_model(
@@ -392,7 +394,7 @@ class Engine:
 
         verdict: Verdict = verify_leaf(
             self.source.text, task, self.plan.kind, result.completion, self.plan.record_schema,
-            record_model=self.record_model,
+            record_model=self.record_model, conditions=len(self.plan.conditions),
         )
         if verdict.ok:
             return Decision("accept", answer=verdict.answer, verdict="ok")
@@ -463,7 +465,7 @@ class Engine:
         if self.plan.kind == "short":
             answer = await self._merge_short(answers)
         elif self.plan.kind != "text":
-            answer = merge_by_code(self.plan.kind, answers)
+            answer = merge_by_code(self.plan.kind, answers, conditions=len(self.plan.conditions))
         elif len(answers := dedupe_text(answers)) <= 1:
             answer = answers[0] if answers else Answer(kind="text", found=False)
         else:
@@ -607,7 +609,10 @@ class Engine:
         result = await self.leaf_attempt(zoom, feedback=None, max_tokens=max_tokens)
         if result.completion is None:
             return decision
-        verdict = verify_leaf(self.source.text, zoom, self.plan.kind, result.completion, self.plan.record_schema)
+        verdict = verify_leaf(
+            self.source.text, zoom, self.plan.kind, result.completion, self.plan.record_schema,
+            conditions=len(self.plan.conditions),
+        )
         if verdict.ok and verdict.answer is not None and verdict.answer.found:
             logger.info("task %s: answered from the sentence its first reply pointed at", task.id)
             return Decision("accept", answer=verdict.answer, verdict="ok-focused")

@@ -19,12 +19,14 @@ import re
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from rlm_graph.nodes.types import Answer, Evidence, Outcome, Row
+from rlm_graph.nodes.types import Answer, Evidence, Item, Match, Outcome, Row, entity_key
 
 _T = TypeVar("_T")
 
 __all__ = [
     "dedupe_text",
+    "join_matches",
+    "merge_join",
     "short_candidates",
     "merge_by_code",
     "merge_count",
@@ -117,6 +119,45 @@ def merge_records(answers: list[Answer]) -> Answer:
     return Answer(kind="schema", found=bool(records), records=tuple(records), evidence=evidence)
 
 
+def join_matches(matches: Iterable[Match], conditions: int) -> Answer:
+    """A join answer from matches: the entities that meet every condition.
+
+    Entities match by :func:`~rlm_graph.nodes.types.entity_key` (case and
+    spacing ignored); the first spelling in source order is shown. Per entity
+    and condition only the first place in the source is kept: the answer needs
+    one quote per condition, and the same record seen by two overlapping spans
+    (the same place) is then kept once by construction. Entities meeting only
+    some conditions stay in ``matches``, so a parent can join them with what
+    its other children found. ``items`` are the entities meeting all
+    ``conditions``, sorted by name; each carries its first condition's quote,
+    and ``evidence`` holds every kept entity's quotes.
+    """
+    first: dict[tuple[str, int], Match] = {}
+    for match in sorted(matches, key=lambda m: (m.evidence.start, m.evidence.end, m.condition)):
+        first.setdefault((entity_key(match.entity), match.condition), match)
+    kept = tuple(sorted(first.values(), key=lambda m: (m.evidence.start, m.condition)))
+    by_entity: dict[str, list[Match]] = {}
+    for match in kept:
+        by_entity.setdefault(entity_key(match.entity), []).append(match)
+    wanted = set(range(conditions))
+    joined = sorted(
+        (group for group in by_entity.values() if wanted and {m.condition for m in group} >= wanted),
+        key=lambda group: (entity_key(group[0].entity), group[0].entity),
+    )
+    items = tuple(
+        Item(text=group[0].entity, evidence=min(group, key=lambda m: m.condition).evidence)
+        for group in joined
+    )
+    evidence = tuple(sorted((m.evidence for group in joined for m in group), key=lambda e: (e.start, e.end)))
+    return Answer(kind="join", found=bool(kept), items=items, matches=kept, evidence=evidence)
+
+
+def merge_join(answers: list[Answer], conditions: int) -> Answer:
+    """Join answers of several parts: pool their matches, then keep the
+    entities that meet every condition anywhere (:func:`join_matches`)."""
+    return join_matches((m for answer in answers for m in answer.matches), conditions)
+
+
 def short_candidates(answers: list[Answer], question: str) -> list[tuple[int, Answer]]:
     """Distinct short answers, best first, each with its relevance score.
 
@@ -142,12 +183,17 @@ def short_candidates(answers: list[Answer], question: str) -> list[tuple[int, An
     return candidates
 
 
-def merge_by_code(kind: str, answers: list[Answer]) -> Answer:
+def merge_by_code(kind: str, answers: list[Answer], *, conditions: int = 0) -> Answer:
     """Merge answers of any kind but free text.
+
+    Args:
+        conditions: how many conditions a ``join`` plan has.
 
     Raises:
         ValueError: ``kind`` is ``text`` (it needs a model).
     """
+    if kind == "join":
+        return merge_join(answers, conditions)
     merges = {
         "list": merge_list, "count": merge_count, "table": merge_table,
         "yesno": merge_yesno, "schema": merge_records,

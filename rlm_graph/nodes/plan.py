@@ -31,7 +31,7 @@ import regex
 from rlm_graph.config import RunConfig
 from rlm_graph.errors import ConfigError
 from rlm_graph.filtering import FILTER_SECONDS, compile_filter, filter_matches
-from rlm_graph.nodes.prompts import leaf_messages, schema_for
+from rlm_graph.nodes.prompts import MAX_CONDITIONS, leaf_messages, schema_for
 from rlm_graph.nodes.types import Kind, Plan, Task
 from rlm_graph.source import Source
 from rlm_graph.tokens import TokenCounter
@@ -41,6 +41,7 @@ __all__ = [
     "PLAN_SCHEMA",
     "apply_model_plan",
     "guess_kind",
+    "join_parts",
     "make_plan",
     "plan_messages",
     "preview_source",
@@ -65,7 +66,7 @@ PREVIEW_SAMPLE_CHARS = 400
 PREVIEW_FILES = 20
 """The preview stays under ~1K tokens: the embedded model reads about 80 prompt
 tokens a second, so a plan costs it 10-15 s."""
-PLANNABLE_KINDS: tuple[Kind, ...] = ("text", "short", "list", "count", "table", "yesno")
+PLANNABLE_KINDS: tuple[Kind, ...] = ("text", "short", "list", "count", "table", "yesno", "join")
 
 PLANNED_FIELDS = ("kind", "sub_question", "chunk_tokens", "filter")
 """What the root model's plan decides (each may be fixed by a flag instead)."""
@@ -77,6 +78,10 @@ PLAN_SCHEMA: dict[str, Any] = {
         "sub_question": {"type": "string", "maxLength": 300},
         "chunk_tokens": {"type": "integer", "minimum": 0},
         "filter": {"type": "string", "maxLength": 200},
+        "conditions": {
+            "type": "array", "maxItems": MAX_CONDITIONS, "items": {"type": "string", "maxLength": 200},
+        },
+        "entity": {"type": "string", "maxLength": 60},
     },
     "required": ["kind", "sub_question", "chunk_tokens", "filter"],
 }
@@ -97,6 +102,62 @@ _LIST = re.compile(
 )
 
 
+# The join shapes: "<entities> who/that/which/with <rest>" or "which <entities> <rest>",
+# where <rest> is "[verb] both A and B" or "A and also B" ("as well as").
+_JOIN_SUBJECT = re.compile(r"\b(?P<entity>[A-Za-z][\w-]*)\s+(?P<link>who|that|which|with)\s+(?P<rest>.+)$", re.I)
+_JOIN_WHICH = re.compile(r"^\s*(?:which|what)\s+(?P<entity>[A-Za-z][\w-]*)\s+(?P<rest>.+)$", re.I)
+_BOTH = re.compile(r"^(?P<verb>(?:[\w'-]+\s+){0,3}?)both\s+(?P<a>.+?)\s+and\s+(?P<b>.+)$", re.I)
+_ALSO = re.compile(r"^(?P<a>.+?)\s*,?\s+(?:and also|and additionally|as well as)\s+(?P<b>.+)$", re.I)
+_DETERMINER = re.compile(r"^(a|an|the|some|any|one|two|three|at least|more than|\d)\b", re.I)
+_JOIN_ASKS = re.compile(r"^\s*(which|find|show|get|identify|name)\b", re.I)
+"""Besides a list's wording, how a join question may start ("What is the name of
+the cat that has both ..." asks for one thing, not a list)."""
+_NOT_ENTITIES = frozenset(
+    "is are was were do does did has have had the a an of in on at to for those ones "
+    "and or but this these it they there".split()
+)
+
+
+def join_parts(question: str) -> tuple[str | None, tuple[str, ...]] | None:
+    """The entity noun and the conditions of a join question, or None.
+
+    Recognised shapes (case-insensitive): "<entities> who/that/which [verb]
+    both A and B" (the verb goes with each: "users who have both a refund
+    record and a shipping record" gives "have a refund record", "have a
+    shipping record"), "<entities> with both A and B" ("with A", "with B"),
+    "<entities> that A and also B" (also "as well as"), and "which
+    <entities> ..." before either. In the "and also" shape a B that starts
+    with an article or number, or is one word, takes A's first word ("ordered
+    apples and also pears": "ordered apples", "ordered pears").
+    """
+    text = " ".join(question.split()).rstrip("?.! ")
+    for shape in (_JOIN_SUBJECT, _JOIN_WHICH):
+        found = shape.search(text)
+        if found is None or found.group("entity").casefold() in _NOT_ENTITIES:
+            continue
+        rest = found.group("rest")
+        link = found.groupdict().get("link") or ""
+        both = _BOTH.match(rest)
+        if both is not None:
+            verb = both.group("verb").strip() or ("with" if link.casefold() == "with" else "")
+            parts = [both.group("a"), both.group("b")]
+            conditions = [f"{verb} {part}".strip() for part in parts]
+        else:
+            also = _ALSO.match(rest)
+            if also is None:
+                continue
+            first, second = also.group("a").strip(), also.group("b").strip()
+            if link.casefold() == "with":
+                first, second = f"with {first}", f"with {second}"
+            elif _DETERMINER.match(second) or len(second.split()) == 1:
+                second = f"{first.split()[0]} {second}"
+            conditions = [first, second]
+        cleaned = tuple(c.strip(" ,;") for c in conditions)
+        if all(cleaned) and cleaned[0].casefold() != cleaned[1].casefold():
+            return found.group("entity"), cleaned
+    return None
+
+
 def guess_kind(question: str) -> Kind:
     """Guess the answer kind from the question's wording."""
     if _TABLE.search(question) and (_COUNT.search(question) or "which" in question.lower()):
@@ -105,6 +166,8 @@ def guess_kind(question: str) -> Kind:
         return "count"
     if _YESNO.search(question):
         return "yesno"
+    if (_LIST.search(question) or _JOIN_ASKS.search(question)) and join_parts(question) is not None:
+        return "join"
     if _LIST.search(question):
         return "list"
     return "text"
@@ -139,15 +202,24 @@ def make_plan(
             "a list of records (kind 'schema'). Pass one of them, not both."
         )
         raise ConfigError(msg)
+    if config.conditions and config.kind not in ("auto", "join"):
+        msg = (
+            f"kind {config.kind!r} and --condition conflict: conditions are for the "
+            "'join' kind. Drop --kind or the conditions."
+        )
+        raise ConfigError(msg)
     if record_schema is not None:
         kind: Kind = "schema"
+    elif config.conditions:
+        kind = "join"
     else:
         kind = guess_kind(question) if config.kind == "auto" else config.kind
     if kind == "schema" and record_schema is None:
         msg = "--kind schema needs a schema: pass --schema FILE (a JSON Schema of one record)."
         raise ConfigError(msg)
+    entity, conditions = _join_plan(question, kind, config)
 
-    overhead = _prompt_overhead(question, kind, count, record_schema)
+    overhead = _prompt_overhead(question, kind, count, record_schema, conditions, entity)
     usable = int(window * WINDOW_SAFETY) - overhead - config.max_output_tokens
     if usable < MIN_LEAF_TOKENS:
         msg = (
@@ -166,7 +238,8 @@ def make_plan(
 
     overridden = tuple(
         name for name, value in (
-            ("kind", config.kind != "auto" or record_schema is not None),
+            ("kind", config.kind != "auto" or record_schema is not None or bool(config.conditions)),
+            ("conditions", config.conditions),
             ("sub_question", config.sub_question),
             ("chunk_tokens", config.chunk_tokens),
             ("filter", config.filter),
@@ -178,6 +251,8 @@ def make_plan(
         question=question,
         sub_question=config.sub_question or question,
         record_schema=record_schema,
+        conditions=conditions,
+        entity=entity,
         overridden=overridden,
         leaf_tokens=leaf_tokens,
         overlap_tokens=overlap,
@@ -189,6 +264,37 @@ def make_plan(
         max_depth=config.max_depth,
         source_tokens=count(source.text),
     )
+
+
+def _join_plan(question: str, kind: Kind, config: RunConfig) -> tuple[str | None, tuple[str, ...]]:
+    """The entity noun and conditions of a join plan: the user's, else the
+    question's wording; ``(None, ())`` for other kinds.
+
+    Raises:
+        ConfigError: a join whose conditions neither the user gave nor the
+            wording shows, or with fewer than two or more than
+            :data:`~rlm_graph.nodes.prompts.MAX_CONDITIONS` of them.
+    """
+    if kind != "join":
+        return None, ()
+    found = join_parts(question)
+    entity = config.entity or (found[0] if found else None)
+    conditions = config.conditions or (found[1] if found else ())
+    if not conditions:
+        msg = (
+            "--kind join needs the conditions an entity must meet, and the question's "
+            "wording does not show them (it reads shapes like 'users who have both a X "
+            "and a Y'). Pass each with --condition, e.g. --condition 'has a refund "
+            "record' --condition 'has a shipping record' (and --entity users)."
+        )
+        raise ConfigError(msg)
+    if not 2 <= len(conditions) <= MAX_CONDITIONS:
+        msg = (
+            f"a join needs 2 to {MAX_CONDITIONS} conditions, not {len(conditions)}: "
+            "pass --condition once per condition (one condition is a list question)."
+        )
+        raise ConfigError(msg)
+    return entity, tuple(conditions)
 
 
 def preview_source(source: Source, count: TokenCounter) -> str:
@@ -223,11 +329,15 @@ def plan_messages(question: str, preview: str, rules: Plan) -> list[dict[str, st
         "Decide:\n"
         '- kind: "short" (a name, number, date or phrase stated in the text), '
         '"text" (an explanation), "list" (items), "count" (a number), '
-        '"table" (counts per label) or "yesno".\n'
+        '"table" (counts per label), "yesno", or "join" (the things that meet '
+        "every one of several conditions, each of which may be met in a different "
+        'part of the source: "users who have both a refund and a shipping record").\n'
         "- sub_question: what to ask each piece (usually the question itself).\n"
         f"- chunk_tokens: tokens per piece, up to {rules.leaf_tokens} (0 = default).\n"
         "- filter: a short regular expression that every piece which can matter "
         'contains, or "" to read every piece.\n'
+        '- for "join" only: conditions (each one alone, e.g. ["has a refund record", '
+        '"has a shipping record"]) and entity (what is listed, e.g. "users").\n'
         'Reply as {"kind": ..., "sub_question": ..., "chunk_tokens": ..., "filter": ...}.'
     )
     return [
@@ -255,6 +365,7 @@ def apply_model_plan(rules: Plan, reply: Any, source: Source) -> Plan:
             rejected.append(f"{name}: {problem}")
         elif value is not None:
             update[name] = value
+    _settle_join(rules, reply, update, rejected)
     if "chunk_tokens" in update:
         tokens = update.pop("chunk_tokens")
         update["leaf_tokens"] = tokens
@@ -280,6 +391,9 @@ def render_plan(plan: Plan) -> str:
         f"  limits:        depth {plan.max_depth}, fan-out {plan.fan_out}, fan-in {plan.fan_in}, "
         f"output {plan.output_tokens} tokens, window {plan.window:,}",
     ]
+    if plan.kind == "join":
+        numbered = "; ".join(f"{i + 1}. {c}" for i, c in enumerate(plan.conditions))
+        lines.append(f"  conditions:    {numbered} (listed: the {plan.entity or 'entities'} meeting all)")
     if plan.record_schema:
         fields = ", ".join(plan.record_schema.get("properties", {}))
         lines.append(f"  record fields: {fields}")
@@ -337,10 +451,44 @@ def _check_kind(rules: Plan, value: Any, source: Source) -> tuple[Any, str | Non
         return None, f"unknown kind {value!r}"
     cue = guess_kind(rules.question)
     # The wording rules only speak up on a clear cue ("how many", "is ..."); a
-    # model that disagrees with one is more likely wrong than the cue.
-    if cue != "text" and value != cue:
+    # model that disagrees with one is more likely wrong than the cue. A join
+    # is a list whose conditions may be met apart: a model may see one where
+    # the rules saw a list (its conditions are checked in _settle_join).
+    if cue != "text" and value != cue and not (cue == "list" and value == "join"):
         return None, f"{value!r} contradicts the question's wording ({cue!r})"
     return value, None
+
+
+def _settle_join(rules: Plan, reply: dict[str, Any], update: dict[str, Any], rejected: list[str]) -> None:
+    """Give a model's ``join`` kind its conditions, or keep the rules' kind.
+
+    The model's conditions (two to :data:`MAX_CONDITIONS` non-empty strings)
+    are taken when the kind ends up ``join`` and the user gave none; a join
+    without usable conditions (neither the model's nor the rules') is
+    rejected. A kind the model changed away from join drops the conditions.
+    """
+    kind = update.get("kind", rules.kind)
+    if kind != "join":
+        if rules.kind == "join" and "kind" in update:
+            update.update(conditions=(), entity=None)
+        return
+    if "conditions" in rules.overridden:
+        return
+    said = reply.get("conditions")
+    conditions: tuple[str, ...] = ()
+    if isinstance(said, list) and all(isinstance(c, str) for c in said):
+        conditions = tuple(" ".join(c.split())[:200] for c in said if c.strip())
+    if 2 <= len(conditions) <= MAX_CONDITIONS:
+        update["conditions"] = conditions
+        entity = reply.get("entity")
+        if isinstance(entity, str) and entity.strip() and rules.entity is None:
+            update["entity"] = " ".join(entity.split())[:60]
+        return
+    if said is not None:
+        rejected.append(f"conditions: need 2 to {MAX_CONDITIONS} non-empty strings, got {str(said)[:80]}")
+    if len(rules.conditions) < 2 and "kind" in update:
+        update.pop("kind")
+        rejected.append("kind: 'join' without two or more conditions")
 
 
 def _check_sub_question(rules: Plan, value: Any, source: Source) -> tuple[Any, str | None]:
@@ -389,13 +537,19 @@ _FIELD_CHECKS = {
 
 
 def _prompt_overhead(
-    question: str, kind: Kind, count: TokenCounter, record_schema: dict[str, Any] | None = None
+    question: str,
+    kind: Kind,
+    count: TokenCounter,
+    record_schema: dict[str, Any] | None = None,
+    conditions: tuple[str, ...] = (),
+    entity: str | None = None,
 ) -> int:
     probe = Task(id="0", start=0, end=0, depth=0, question=question, tokens=0)
     messages = leaf_messages(
-        kind, probe, "", feedback=None, file_hint="example.txt", record_schema=record_schema
+        kind, probe, "", feedback=None, file_hint="example.txt", record_schema=record_schema,
+        conditions=conditions, entity=entity,
     )
     text = "\n".join(m["content"] for m in messages)
-    schema_tokens = count(str(schema_for(kind, record_schema)))
+    schema_tokens = count(str(schema_for(kind, record_schema, conditions=len(conditions))))
     # Chat templates add a few tokens per message.
     return count(text) + schema_tokens + 8 * len(messages)

@@ -12,7 +12,9 @@ from typing import Any
 from rlm_graph.nodes.types import Kind, Task
 
 __all__ = [
+    "JOIN_MAX_MATCHES",
     "JUDGE_SCHEMA",
+    "MAX_CONDITIONS",
     "MERGE_SCHEMA",
     "NONE_OF_THEM",
     "choice_schema",
@@ -67,6 +69,16 @@ _INSTRUCTIONS: dict[Kind, str] = {
         'Reply as {"records": [...]}: one record for each thing the question asks '
         "for that this excerpt contains, with every field filled from the excerpt "
         'and "quote": words copied exactly from the excerpt. An empty list if none.'
+    ),
+    # The conditions and the entity noun are filled in by leaf_messages.
+    "join": (
+        "Check each condition on its own: for each one, find every {entity} in this "
+        "excerpt that meets it, even if it meets no other condition here (other parts "
+        'of the text are read separately). Reply as {{"matches": [{{"entity": "<the '
+        '{one} exactly as written in the excerpt>", "condition": <the condition\'s '
+        'number>, "quote": "<words copied exactly from the excerpt that show it and '
+        'name the {one}>"}}]}}: one entry per {one} and condition met. An empty list '
+        "if none."
     ),
 }
 
@@ -143,6 +155,37 @@ _SCHEMAS["yesno"] = {
     "required": ["answer", "quote"],
 }
 
+MAX_CONDITIONS = 6
+"""Most conditions a join question may have."""
+JOIN_MAX_MATCHES = 2 * LIST_MAX_ITEMS
+"""Most matches one join reply may list (each entity may meet several conditions)."""
+
+
+def _join_schema(conditions: int) -> dict[str, Any]:
+    number: dict[str, Any] = {"type": "integer", "minimum": 1}
+    if conditions:
+        number["maximum"] = conditions
+    return {
+        "type": "object",
+        "properties": {
+            "matches": {
+                "type": "array",
+                "maxItems": JOIN_MAX_MATCHES,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "entity": {"type": "string", "maxLength": 200},
+                        "condition": number,
+                        "quote": _QUOTE,
+                    },
+                    "required": ["entity", "condition", "quote"],
+                },
+            }
+        },
+        "required": ["matches"],
+    }
+
+
 MERGE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {"answer": {"type": "string", "maxLength": 2 * ANSWER_MAX_CHARS}},
@@ -150,7 +193,9 @@ MERGE_SCHEMA: dict[str, Any] = {
 }
 
 
-def schema_for(kind: Kind, record_schema: dict[str, Any] | None = None) -> dict[str, Any]:
+def schema_for(
+    kind: Kind, record_schema: dict[str, Any] | None = None, *, conditions: int = 0
+) -> dict[str, Any]:
     """The JSON schema a leaf reply of this kind must follow.
 
     Args:
@@ -160,7 +205,11 @@ def schema_for(kind: Kind, record_schema: dict[str, Any] | None = None) -> dict[
             The record is nested under ``records``, so its ``$defs`` (and
             ``definitions``) move to the top and its other local ``$ref``s are
             re-pointed to where the record now sits.
+        conditions: for the ``join`` kind, how many conditions there are (the
+            highest condition number a match may give; 0: not bounded).
     """
+    if kind == "join":
+        return _join_schema(conditions)
     if kind != "schema":
         return _SCHEMAS[kind]
     field = evidence_field(record_schema)
@@ -242,9 +291,19 @@ def leaf_messages(
     feedback: str | None,
     file_hint: str,
     record_schema: dict[str, Any] | None = None,
+    conditions: tuple[str, ...] = (),
+    entity: str | None = None,
 ) -> list[dict[str, str]]:
-    """Messages of a leaf call: the question, the excerpt, and how to reply."""
+    """Messages of a leaf call: the question, the excerpt, and how to reply.
+
+    A ``join`` leaf is shown the numbered ``conditions`` and asked which
+    ``entity`` (a plural noun, "users") in the excerpt meets each.
+    """
     how = _INSTRUCTIONS[kind]
+    if kind == "join":
+        many = entity or "entities"
+        numbered = "\n".join(f"{i + 1}. {c}" for i, c in enumerate(conditions))
+        how = f"Conditions:\n{numbered}\n" + how.format(entity=many, one=_singular(many))
     if kind == "schema" and record_schema:
         field = evidence_field(record_schema)
         fields = ", ".join(record_schema.get("properties", {}))
@@ -257,6 +316,22 @@ def leaf_messages(
     if feedback:
         user += f"\n\nYour previous reply was rejected: {feedback}"
     return [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": user}]
+
+
+def _singular(noun: str) -> str:
+    """A rough singular of a plural noun, for the prompt's wording only."""
+    words = noun.split()
+    if not words:
+        return "entity"
+    last = words[-1]
+    lower = last.casefold()
+    if lower.endswith("ies") and len(last) > 4:
+        last = last[:-3] + "y"
+    elif lower.endswith(("sses", "xes", "ches", "shes")):
+        last = last[:-2]
+    elif lower.endswith("s") and not lower.endswith("ss"):
+        last = last[:-1]
+    return " ".join([*words[:-1], last])
 
 
 def merge_messages(question: str, partials: list[str]) -> list[dict[str, str]]:

@@ -7,15 +7,24 @@ ever stored as a result and every stored value can be reloaded.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["Answer", "Evidence", "Item", "Kind", "Outcome", "Plan", "Record", "Row", "Task"]
+__all__ = [
+    "Answer", "Evidence", "Item", "Kind", "Match", "Outcome", "Plan", "Record", "Row", "Task", "entity_key",
+]
 
-Kind = Literal["text", "short", "list", "count", "table", "yesno", "schema"]
+Kind = Literal["text", "short", "list", "count", "table", "yesno", "schema", "join"]
 """Answer kinds: free text, a short answer copied from the source, a list of items, a count, a table of labelled counts,
-yes/no with evidence, or records following a user's JSON schema."""
+yes/no with evidence, records following a user's JSON schema, or the entities that meet every one of
+several conditions (``join``: each condition may be met in a different part of the source)."""
+
+
+def entity_key(name: str) -> str:
+    """How join answers match entity names: ignoring case, spacing and end punctuation."""
+    return re.sub(r"\s+", " ", name).strip().casefold().strip(".,;:!?\"'`()[]")
 
 
 class _Record(BaseModel):
@@ -71,6 +80,13 @@ class Plan(_Record):
     """Case-insensitive regex; spans without a match are skipped unread."""
     record_schema: dict[str, Any] | None = None
     """JSON schema of one record, for the ``schema`` kind."""
+    conditions: tuple[str, ...] = ()
+    """For the ``join`` kind: what an entity must meet, each condition on its
+    own (``("have a refund record", "have a shipping record")``). Leaves are
+    asked about each one; merge keeps the entities that meet them all."""
+    entity: str | None = None
+    """For the ``join`` kind: what the answer lists, as the question names it
+    (``users``); None when the question did not say."""
     made_by: str = "rules"
     """Who made the plan: ``rules``, ``model`` (the root model),
     ``rules (model plan rejected: ...)``, or ``flags (no planning call)`` when
@@ -102,6 +118,15 @@ class Row(_Record):
     evidence: tuple[Evidence, ...] = ()
 
 
+class Match(_Record):
+    """One finding of a join answer: an entity that meets one condition, and where."""
+
+    entity: str
+    condition: int = Field(ge=0)
+    """Index into the plan's ``conditions`` (0 for the first)."""
+    evidence: Evidence
+
+
 class Record(_Record):
     """One record of a schema answer: data valid under the user's schema."""
 
@@ -124,16 +149,20 @@ class Answer(_Record):
     (the answer's value is then False: no evidence found)."""
     records: tuple[Record, ...] = ()
     """Schema answers."""
+    matches: tuple[Match, ...] = ()
+    """Join answers: per entity and condition, the first place it was seen to
+    meet it (entities meeting only some conditions included: another part of
+    the source may hold the rest). ``items`` holds the entities that meet all."""
     evidence: tuple[Evidence, ...] = ()
 
     @property
     def value(self) -> Any:
         """The answer as the user sees it: text, list, int, ``{label: count}``,
-        bool (False when no evidence of yes was found), or a list of records
-        (dicts)."""
+        bool (False when no evidence of yes was found), a list of records
+        (dicts), or for ``join`` the list of entities that meet every condition."""
         if self.kind == "count":
             return self.count if self.count is not None else 0
-        if self.kind == "list":
+        if self.kind in ("list", "join"):
             return [item.text for item in self.items]
         if self.kind == "table":
             return {row.label: row.count for row in self.rows}

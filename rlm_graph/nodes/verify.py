@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from rlm_graph.models import Completion
 from rlm_graph.nodes.prompts import LIST_MAX_ITEMS, evidence_field
-from rlm_graph.nodes.types import Answer, Evidence, Item, Kind, Record, Row, Task
+from rlm_graph.nodes.types import Answer, Evidence, Item, Kind, Match, Record, Row, Task, entity_key
 from rlm_graph.source import FILE_HEADER_MARK
 
 __all__ = ["Claims", "Verdict", "locate_quote", "question_overlap", "verify_leaf"]
@@ -75,6 +75,7 @@ def verify_leaf(
     record_schema: dict[str, Any] | None = None,
     *,
     record_model: type[BaseModel] | None = None,
+    conditions: int = 0,
 ) -> Verdict:
     """Check a leaf's reply against its span and turn it into a typed answer.
 
@@ -86,6 +87,7 @@ def verify_leaf(
         record_schema: the user's schema of one record (``schema`` kind only).
         record_model: the user's pydantic class of one record, when given: a
             record its validators reject is malformed, with their message.
+        conditions: how many conditions a ``join`` plan has.
     """
     if completion.finish_reason == "length":
         return Verdict(False, "truncated", feedback="Your reply was cut off. Answer briefly.")
@@ -104,6 +106,8 @@ def verify_leaf(
             return _check_schema(
                 text, task, data, record_schema or {"type": "object"}, record_model
             )
+        if kind == "join":
+            return _check_join(text, task, data, conditions)
         return _CHECKS[kind](text, task, data)
     except _Malformed as exc:
         return Verdict(False, "malformed", feedback=str(exc))
@@ -549,6 +553,67 @@ def _check_schema(
         )
     evidence = tuple(r.evidence for r in records if r.evidence)
     return Verdict(True, "ok", Answer(kind="schema", found=bool(records), records=tuple(records), evidence=evidence))
+
+
+def _check_join(text: str, task: Task, data: dict[str, Any], conditions: int) -> Verdict:
+    """Each match must name a valid condition, quote the span, and name its
+    entity inside the quote; one bad match rejects the reply with the reason
+    (a dropped match could lose an entity the answer needs).
+
+    A match repeated at the same place (same entity, condition and quote
+    offsets) is kept once; several entities may share one quote ("U1 and U2
+    asked for refunds"), and one entity may show a condition in many places.
+    """
+    shape = '{"matches": [{"entity": "...", "condition": N, "quote": "..."}]}'
+    entries = _required(data, "matches", list, shape)
+    kept: dict[tuple[str, int, int, int], Match] = {}
+    bad: list[str] = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            msg = f"matches[{index}] is not an object. Reply as {shape}."
+            raise _Malformed(msg)
+        entity = " ".join(str(entry.get("entity") or "").split())
+        said = entry.get("condition")
+        if not entity:
+            bad.append(f"matches[{index}] names no entity")
+            continue
+        if isinstance(said, bool) or not isinstance(said, int | float) or said != int(said):
+            bad.append(f"matches[{index}] ({entity}) has no condition number")
+            continue
+        number = int(said)
+        if not 1 <= number <= max(conditions, 1):
+            bad.append(
+                f"matches[{index}] ({entity}) gives condition {number}; the conditions "
+                f"are numbered 1 to {conditions}"
+            )
+            continue
+        quote = str(entry.get("quote") or "")
+        evidence = locate_quote(text, task.start, task.end, quote)
+        if evidence is None:
+            shown = " ".join(quote.split())[:80]
+            bad.append(f"the quote for {entity} ({shown!r}) does not occur in the excerpt")
+            continue
+        if not _names(evidence.quote, entity):
+            bad.append(f"the quote for {entity} does not name {entity}")
+            continue
+        key = (entity_key(entity), number - 1, evidence.start, evidence.end)
+        kept.setdefault(key, Match(entity=entity, condition=number - 1, evidence=evidence))
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        feedback = (
+            f"{bad[0]}{more}. Give each match the condition's number, a quote copied "
+            "exactly from the excerpt, and an entity named in that quote."
+        )
+        return Verdict(False, "no-evidence", feedback=feedback)
+    matches = tuple(sorted(kept.values(), key=lambda m: (m.evidence.start, m.condition)))
+    from rlm_graph.nodes.merge import join_matches
+
+    return Verdict(True, "ok", join_matches(matches, conditions))
+
+
+def _names(quote: str, entity: str) -> bool:
+    """Whether ``entity`` occurs in ``quote`` as whole words (ignoring case and spacing)."""
+    return _answer_pattern(entity).search(quote) is not None
 
 
 def _model_rejects(record_model: type[BaseModel], fields: dict[str, Any]) -> str | None:
