@@ -72,7 +72,7 @@ _INSTRUCTIONS: dict[Kind, str] = {
     ),
     # The conditions and the entity noun are filled in by leaf_messages.
     "join": (
-        "Check each condition on its own: for each one, find every {entity} in this "
+        "Check each condition on its own: for each one, find every {one} in this "
         "excerpt that meets it, even if it meets no other condition here (other parts "
         'of the text are read separately). Reply as {{"matches": [{{"entity": "<the '
         '{one} exactly as written in the excerpt>", "condition": <the condition\'s '
