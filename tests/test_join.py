@@ -10,13 +10,19 @@ from click.testing import CliRunner
 
 from rlm_graph import ConfigError, arun
 from rlm_graph.cli import main
+from rlm_graph.config import RunConfig
 from rlm_graph.models import Completion
 from rlm_graph.nodes.merge import merge_by_code, merge_join
-from rlm_graph.nodes.plan import apply_model_plan, guess_kind, join_parts, make_plan, render_plan
+from rlm_graph.nodes.plan import (
+    apply_model_plan,
+    guess_kind,
+    join_parts,
+    make_plan,
+    render_plan,
+)
 from rlm_graph.nodes.prompts import leaf_messages, schema_for
 from rlm_graph.nodes.types import Answer, Evidence, Match, Task
 from rlm_graph.nodes.verify import verify_leaf
-from rlm_graph.config import RunConfig
 from rlm_graph.source import source_from_text
 from rlm_graph.testing import ModelRequest, Reply
 
@@ -161,6 +167,10 @@ def test_model_plan_may_make_a_list_a_join_with_its_conditions():
     bare = apply_model_plan(rules, {"kind": "join", "conditions": ["only one"]}, source)
     assert bare.kind == "list" and bare.conditions == ()
     assert "join' without two or more conditions" in bare.made_by
+
+    made_up = apply_model_plan(rules, {"kind": "join", "conditions": ["is blue", "has wheels"]}, source)
+    assert made_up.kind == "list" and made_up.conditions == ()
+    assert "'is blue' shares no word with the question" in made_up.made_by
 
 
 def test_model_cannot_turn_a_worded_join_into_a_list():
@@ -316,6 +326,24 @@ async def test_a_leaf_with_an_invented_quote_is_asked_again_then_fails(scripted)
     assert result.status == "failed" and result.answer is None
     assert "U7777" not in json.dumps(result.model_dump(mode="json")["joined"])
     assert result.failures and "does not occur in the excerpt" in result.failures[0].reason
+
+
+async def test_the_judge_sees_what_a_join_leaf_found_per_condition(scripted):
+    judged: list[str] = []
+
+    def judge(request: ModelRequest) -> str:
+        judged.append(request.prompt.split("Proposed answer, from this text only:")[1])
+        return json.dumps({"supported": True, "reason": ""})
+
+    scripted(join_reader, provider="scripted")
+    scripted(judge, provider="judgedouble")
+
+    result = await arun(QUESTION, text=RECORDS, planner="rules", judge_model="judgedouble/j", **SETTINGS)
+
+    assert result.answer == ["U0001", "U0003"]
+    shown = " ".join(judged)
+    assert '"U0002: have a refund record"' in shown, "a match of one condition is shown to the judge"
+    assert '"U0001: have a shipping record"' in shown
 
 
 def _run_cli(tmp_path, *args: str):

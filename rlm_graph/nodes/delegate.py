@@ -201,8 +201,9 @@ class Engine:
             plan = self.plan.model_copy(update={"made_by": f"rules (planning call failed: {result.message[:120]})"})
         else:
             plan = apply_model_plan(self.plan, parse_json_reply(result.completion.text), self.source)
-        logger.info("plan made by %s: kind %s, leaves of %d tokens, filter %r",
-                    plan.made_by, plan.kind, plan.leaf_tokens, plan.filter)
+        logger.info("plan made by %s: kind %s, leaves of %d tokens, filter %r%s",
+                    plan.made_by, plan.kind, plan.leaf_tokens, plan.filter,
+                    f", conditions {list(plan.conditions)}" if plan.kind == "join" else "")
         self.adopt_plan(plan)
 
         return plan
@@ -435,7 +436,16 @@ class Engine:
         if not self.config.judge_model or decision.action != "accept" or not (answer and answer.found):
             return decision
         span = self.source.text[task.start : task.end]
-        messages = judge_messages(task.question, span, json.dumps(answer.value, ensure_ascii=False))
+        shown = answer.value
+        if answer.kind == "join":
+            # A leaf's join is judged on what it found per condition: the span
+            # alone rarely holds an entity meeting every one.
+            conditions = self.plan.conditions
+            shown = [
+                f"{m.entity}: {conditions[m.condition] if m.condition < len(conditions) else m.condition}"
+                for m in answer.matches
+            ]
+        messages = judge_messages(task.question, span, json.dumps(shown, ensure_ascii=False))
         result = await self.call("judge", messages, 128, JUDGE_SCHEMA)
         data = parse_json_reply(result.completion.text) if result.completion else None
         if not isinstance(data, dict) or not isinstance(data.get("supported"), bool):

@@ -148,7 +148,8 @@ def join_matches(matches: Iterable[Match], conditions: int) -> Answer:
         Item(text=group[0].entity, evidence=min(group, key=lambda m: m.condition).evidence)
         for group in joined
     )
-    evidence = tuple(sorted((m.evidence for group in joined for m in group), key=lambda e: (e.start, e.end)))
+    quotes = (m.evidence for group in joined for m in group)
+    evidence = tuple(sorted(quotes, key=lambda e: (e.start, e.end)))
     return Answer(kind="join", found=bool(kept), items=items, matches=kept, evidence=evidence)
 
 

@@ -104,7 +104,9 @@ _LIST = re.compile(
 
 # The join shapes: "<entities> who/that/which/with <rest>" or "which <entities> <rest>",
 # where <rest> is "[verb] both A and B" or "A and also B" ("as well as").
-_JOIN_SUBJECT = re.compile(r"\b(?P<entity>[A-Za-z][\w-]*)\s+(?P<link>who|that|which|with)\s+(?P<rest>.+)$", re.I)
+_JOIN_SUBJECT = re.compile(
+    r"\b(?P<entity>[A-Za-z][\w-]*)\s+(?P<link>who|that|which|with)\s+(?P<rest>.+)$", re.I
+)
 _JOIN_WHICH = re.compile(r"^\s*(?:which|what)\s+(?P<entity>[A-Za-z][\w-]*)\s+(?P<rest>.+)$", re.I)
 _BOTH = re.compile(r"^(?P<verb>(?:[\w'-]+\s+){0,3}?)both\s+(?P<a>.+?)\s+and\s+(?P<b>.+)$", re.I)
 _ALSO = re.compile(r"^(?P<a>.+?)\s*,?\s+(?:and also|and additionally|as well as)\s+(?P<b>.+)$", re.I)
@@ -385,19 +387,25 @@ def render_plan(plan: Plan) -> str:
         f"plan made by {plan.made_by}{set_by}",
         f"  answer kind:   {plan.kind}",
         f"  sub-question:  {plan.sub_question}",
+        *_conditions_lines(plan),
         f"  leaf spans:    up to {plan.leaf_tokens:,} tokens, overlap {plan.overlap_tokens}; "
         f"source {plan.source_tokens:,} tokens (about {leaves:,} leaves before filtering)",
         f"  pre-filter:    {plan.filter or 'none (every span is read)'}",
         f"  limits:        depth {plan.max_depth}, fan-out {plan.fan_out}, fan-in {plan.fan_in}, "
         f"output {plan.output_tokens} tokens, window {plan.window:,}",
     ]
-    if plan.kind == "join":
-        numbered = "; ".join(f"{i + 1}. {c}" for i, c in enumerate(plan.conditions))
-        lines.append(f"  conditions:    {numbered} (listed: the {plan.entity or 'entities'} meeting all)")
     if plan.record_schema:
         fields = ", ".join(plan.record_schema.get("properties", {}))
         lines.append(f"  record fields: {fields}")
     return "\n".join(lines)
+
+
+def _conditions_lines(plan: Plan) -> list[str]:
+    if plan.kind != "join":
+        return []
+    numbered = "; ".join(f"{i + 1}. {c}" for i, c in enumerate(plan.conditions))
+    listed = plan.entity or "entities"
+    return [f"  conditions:    {numbered} (listed: the {listed} meeting all)"]
 
 
 def root_task(plan: Plan, source: Source) -> Task:
@@ -462,8 +470,9 @@ def _check_kind(rules: Plan, value: Any, source: Source) -> tuple[Any, str | Non
 def _settle_join(rules: Plan, reply: dict[str, Any], update: dict[str, Any], rejected: list[str]) -> None:
     """Give a model's ``join`` kind its conditions, or keep the rules' kind.
 
-    The model's conditions (two to :data:`MAX_CONDITIONS` non-empty strings)
-    are taken when the kind ends up ``join`` and the user gave none; a join
+    The model's conditions (two to :data:`MAX_CONDITIONS` non-empty strings,
+    each sharing the first four letters of a word with the question) are taken
+    when the kind ends up ``join`` and the user gave none; a join
     without usable conditions (neither the model's nor the rules') is
     rejected. A kind the model changed away from join drops the conditions.
     """
@@ -478,6 +487,15 @@ def _settle_join(rules: Plan, reply: dict[str, Any], update: dict[str, Any], rej
     conditions: tuple[str, ...] = ()
     if isinstance(said, list) and all(isinstance(c, str) for c in said):
         conditions = tuple(" ".join(c.split())[:200] for c in said if c.strip())
+    asked = {w[:4] for w in re.findall(r"\w{4,}", rules.question.casefold())}
+    unrelated = [
+        c for c in conditions if not asked & {w[:4] for w in re.findall(r"\w{4,}", c.casefold())}
+    ]
+    if unrelated:
+        # A condition sharing no word with the question is made up, not read.
+        rejected.append(f"conditions: {unrelated[0][:60]!r} shares no word with the question")
+        conditions = ()
+        said = None
     if 2 <= len(conditions) <= MAX_CONDITIONS:
         update["conditions"] = conditions
         entity = reply.get("entity")
