@@ -464,3 +464,23 @@ def test_cli_eval_pairs_rlm_is_exact_at_10k_and_100k(tmp_path):
     data = {(r["instance"], r["method"]): r for r in json.loads(rows.read_text())}
     assert data[("pairs-100k", "rlm")]["run"]["answer"] == data[("pairs-100k", "rlm")]["expected"]
     assert data[("pairs-100k", "direct")]["score"] < 1.0, "one window cannot hold 100K tokens"
+
+
+async def test_flat_merge_joins_only_the_partials_its_window_holds(scripted):
+    """60K tokens of records, 8K windows: rlm-graph joins in code and is exact;
+    the map-reduce's one model merge joins the 12 span answers it can fit,
+    which are not all of them; the direct call sees one window."""
+    from rlm_graph.config import RunConfig
+    from rlm_graph.eval import pairs_task, run_eval
+    from rlm_graph.eval.reader import reading_responder
+
+    task = pairs_task(60_000, seed=4)
+    scripted(reading_responder([task]), provider="scripted")
+
+    rows = await run_eval([task], RunConfig(model="scripted/reader", context_window=8192, planner="rules"))
+
+    by = {r.method: r for r in rows}
+    assert by["rlm"].score == 1.0 and by["rlm"].run.answer == task.expected
+    assert 0.5 < by["mapreduce"].score < 1.0
+    assert set(by["mapreduce"].run.answer) < set(task.expected), "what it joins is right, but not all"
+    assert by["direct"].score < by["mapreduce"].score
