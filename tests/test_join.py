@@ -235,7 +235,7 @@ def test_verify_rejects_a_quote_that_does_not_name_the_entity():
     assert not verdict.ok and "does not name U0002" in verdict.feedback
 
 
-@pytest.mark.parametrize("number", [0, 3, 1.5, "1", None])
+@pytest.mark.parametrize("number", [0, 3, 1.5, "1", None, True, float("inf"), float("nan")])
 def test_verify_rejects_a_condition_number_out_of_range(number):
     data = {"matches": [{"entity": "U0002", "condition": number, "quote": line_of("U0002", "refund")}]}
 

@@ -577,7 +577,8 @@ def _check_join(text: str, task: Task, data: dict[str, Any], conditions: int) ->
         if not entity:
             bad.append(f"matches[{index}] names no entity")
             continue
-        if isinstance(said, bool) or not isinstance(said, int | float) or said != int(said):
+        whole = isinstance(said, int) or (isinstance(said, float) and said.is_integer())
+        if isinstance(said, bool) or not whole:
             bad.append(f"matches[{index}] ({entity}) has no condition number")
             continue
         number = int(said)
