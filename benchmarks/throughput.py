@@ -48,6 +48,11 @@ PARAGRAPH = (
     "the lamps burned low along the quiet street near the square, and nobody came."
 )
 
+# Every layer runs a priced model, as a hosted one is (LiteLLM's price map) and
+# as a local one can be (--price-in 0): USD per million tokens, and per token.
+PRICES = {"price_in": 0.15, "price_out": 0.6}
+PRICES_PER_TOKEN = {"input_cost_per_token": 0.15e-6, "output_cost_per_token": 0.6e-6}
+
 
 def serve(latency: float) -> None:
     """Child process: answer every request after ``latency`` s until stdin closes."""
@@ -79,15 +84,22 @@ def served(latency: float) -> Iterator[str]:
 
 
 async def client_throughput(
-    api_base: str, calls: int, concurrency: int
+    api_base: str, calls: int, concurrency: int, *, priced: bool = True
 ) -> tuple[float, float]:
-    """Calls per second through ModelClient.complete, and CPU ms per call."""
+    """Calls per second through ModelClient.complete, and CPU ms per call.
+
+    ``priced``: the model has a price (given as flags here, as a hosted model's
+    comes from LiteLLM's price map). Without one, LiteLLM runs its zero-cost
+    diagnostic on every reply, which is most of the difference.
+    """
+    prices = PRICES if priced else {}
     config = RunConfig(
         model="openai/fake-model",
         api_base=api_base,
         api_key="sk-bench",
         context_window=4096,
         concurrency=concurrency,
+        **prices,
     )
     client = ModelClient(config)
     await asyncio.gather(
@@ -133,7 +145,7 @@ async def layer_throughput(
             async def call(i: int) -> object:
                 return await litellm.acompletion(
                     model="openai/fake-model", api_base=api_base, api_key="sk-bench",
-                    messages=messages(i), max_tokens=8,
+                    messages=messages(i), max_tokens=8, **PRICES_PER_TOKEN,
                 )
 
         elif layer == "router":
@@ -142,6 +154,7 @@ async def layer_throughput(
                 "litellm_params": {
                     "model": "openai/fake-model", "api_base": api_base, "api_key": "sk-bench",
                 },
+                "model_info": PRICES_PER_TOKEN,
             }])
 
             async def call(i: int) -> object:
@@ -150,7 +163,7 @@ async def layer_throughput(
         else:
             client = ModelClient(RunConfig(
                 model="openai/fake-model", api_base=api_base, api_key="sk-bench",
-                context_window=4096, concurrency=concurrency,
+                context_window=4096, concurrency=concurrency, **PRICES,
             ))
 
             async def call(i: int) -> object:
@@ -186,6 +199,7 @@ async def engine_throughput(
         overlap_tokens=0,
         concurrency=concurrency,
         fan_out=16,
+        **PRICES,
         store="memory",  # a fresh call log per run, and nothing in the user's store
     )
     elapsed = time.monotonic() - started
@@ -225,14 +239,16 @@ def main() -> None:
                         f"{layer:<8} {concurrency:>11}  {ideal:>7.1f}  {rate:>10.1f}  {rate / ideal:>5.0%}  {cpu_ms:>11.1f}"
                     )
             print("(layers: each row alone; 'client' is ModelClient, as below)")
-        for concurrency in args.concurrency:
-            ideal = concurrency / args.latency
-            rate, cpu_ms = asyncio.run(
-                client_throughput(api_base, args.calls, concurrency)
-            )
-            print(
-                f"client   {concurrency:>11}  {ideal:>7.1f}  {rate:>10.1f}  {rate / ideal:>5.0%}  {cpu_ms:>11.1f}"
-            )
+        for priced in (True, False):
+            for concurrency in args.concurrency:
+                ideal = concurrency / args.latency
+                rate, cpu_ms = asyncio.run(
+                    client_throughput(api_base, args.calls, concurrency, priced=priced)
+                )
+                print(
+                    f"client   {concurrency:>11}  {ideal:>7.1f}  {rate:>10.1f}  {rate / ideal:>5.0%}  {cpu_ms:>11.1f}"
+                    + ("" if priced else "  (model without a price)")
+                )
         for concurrency in args.concurrency:
             ideal = concurrency / args.latency
             rate, calls, cpu_ms = asyncio.run(

@@ -284,7 +284,7 @@ def _table_from_flags(
         {
             "model_name": d.group,
             "litellm_params": _flag_params(config, d.model),
-            "model_info": {"id": d.id},
+            "model_info": {"id": d.id, **_flag_prices(config, d.model)},
         }
         for d in deployments.values()
     ]
@@ -323,6 +323,31 @@ def _flag_params(config: RunConfig, model: str) -> dict[str, Any]:
         # SDK refuses to send a request without one.
         params["api_key"] = "no-key-needed"
     return params
+
+
+def _flag_prices(config: RunConfig, model: str) -> dict[str, float]:
+    """User-given prices (``--price-in``/``--price-out``) as LiteLLM's model_info.
+
+    LiteLLM then prices the deployment as rlm-graph does, for its own cost
+    tracking and callbacks. It also spares LiteLLM's zero-cost diagnostic,
+    which runs twice per reply of a deployment without a price and took a
+    quarter of the event loop's time at 8 calls in flight (docs/design.md,
+    "Throughput").
+    """
+    if model.startswith("local/") or (config.price_in is None and config.price_out is None):
+        return {}
+    given_in = config.price_in if config.price_in is not None else config.price_out
+    given_out = config.price_out if config.price_out is not None else config.price_in
+    price_in = float(given_in or 0) / 1e6
+    # Cached prompt tokens at the full price, as rlm-graph's own accounting
+    # counts them (never below the bill); it also keeps LiteLLM from warning
+    # on every run that they would default to 0.
+    return {
+        "input_cost_per_token": price_in,
+        "output_cost_per_token": float(given_out or 0) / 1e6,
+        "cache_read_input_token_cost": price_in,
+        "cache_creation_input_token_cost": price_in,
+    }
 
 
 def _read_yaml(path: Path) -> Any:
@@ -542,14 +567,8 @@ def _prices(
                     info.get("output_cost_per_token") or info["input_cost_per_token"]
                 ),
             )
-        elif config.price_in is not None or config.price_out is not None:
-            given_in = (
-                config.price_in if config.price_in is not None else config.price_out
-            )
-            given_out = (
-                config.price_out if config.price_out is not None else config.price_in
-            )
-            price = (float(given_in or 0) / 1e6, float(given_out or 0) / 1e6)
+        elif given := _flag_prices(config, model):
+            price = (given["input_cost_per_token"], given["output_cost_per_token"])
         else:
             price = price_of(model)
         if price is None:
@@ -771,6 +790,11 @@ class Pacer:
         self._clock = clock
         self._stamp = clock()
         self._lock = asyncio.Lock()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request is waiting its turn (it holds the lock)."""
+        return self._lock.locked()
 
     def delay(self, amount: float) -> float:
         """Seconds ``amount`` would wait if asked now (others waiting not counted)."""

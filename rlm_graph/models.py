@@ -415,7 +415,9 @@ class ModelClient:
             # Every wait below ends when the run's time is up (or a budget stops it).
             if limits.parallel is not None:
                 slot = limits.parallel
-                await budget.within_time(slot.acquire(), slot.release)
+                await budget.within_time(
+                    slot.acquire(), slot.release, ready=not slot.locked()
+                )
                 held.callback(limits.parallel.release)
             await self._wait_for_quota(role, name, group)
             delay, limit = limits.pace_delay(estimate)
@@ -425,8 +427,11 @@ class ModelClient:
                     "(a bucket in debt after a larger request)",
                     role, name, delay, limit,
                 )
-            await budget.within_time(limits.pace(estimate))
-            await budget.within_time(self._semaphore.acquire(), self._semaphore.release)
+            await budget.within_time(limits.pace(estimate), ready=limits.pace_free(estimate))
+            await budget.within_time(
+                self._semaphore.acquire(), self._semaphore.release,
+                ready=not self._semaphore.locked(),
+            )
             held.callback(self._semaphore.release)
             reservation = await budget.admit(estimate, _cost_of(group, estimate, 0))
             metadata: dict[str, Any] = {}
@@ -748,6 +753,13 @@ class _GroupLimits:
         rpm = self._rpm.delay(1) if self._rpm is not None else 0.0
         tpm = self._tpm.delay(tokens) if self._tpm is not None else 0.0
         return (rpm, "rpm") if rpm >= tpm else (tpm, "tpm")
+
+    def pace_free(self, tokens: int) -> bool:
+        """Whether :meth:`pace` would pass ``tokens`` now without waiting."""
+        return all(
+            pacer is None or (not pacer.busy and pacer.delay(amount) <= 0)
+            for pacer, amount in ((self._rpm, 1), (self._tpm, tokens))
+        )
 
     async def pace(self, tokens: int) -> None:
         """Wait until the group's rpm and tpm allow one more request of ``tokens``."""

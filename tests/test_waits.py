@@ -392,3 +392,61 @@ async def test_a_slot_taken_as_its_wait_is_abandoned_is_given_back():
         await waiter
     await asyncio.sleep(0.05)
     assert not slots.locked()
+
+
+async def test_a_budget_reached_by_another_call_ends_every_open_wait_at_once():
+    budget = Budget(RunConfig(max_time_s=30))
+    slots = asyncio.Semaphore(1)
+    await slots.acquire()  # held: both waits below block
+    waits = [
+        asyncio.create_task(budget.within_time(slots.acquire(), slots.release)),
+        asyncio.create_task(budget.within_time(asyncio.sleep(20))),
+    ]
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    budget.stop("max-calls", "3")
+    for wait in waits:
+        with pytest.raises(BudgetExceeded, match="max-calls budget of 3"):
+            await wait
+    assert time.monotonic() - started < 1.0
+    slots.release()
+    assert not slots.locked(), "a wait ended by the stop kept a slot"
+
+
+async def test_a_ready_wait_is_still_refused_after_a_stop():
+    budget = Budget(RunConfig())
+    budget.stop("max-tokens", "100")
+    slots = asyncio.Semaphore(1)
+    with pytest.raises(BudgetExceeded, match="max-tokens"):
+        await budget.within_time(slots.acquire(), slots.release, ready=True)
+    assert not slots.locked(), "a refused wait took a slot"
+
+
+async def test_user_given_prices_reach_litellm_so_its_cost_equals_ours():
+    import litellm
+
+    with FakeOpenAIServer(lambda request: Reply(content="hi there")) as server:
+        client = ModelClient(RunConfig(
+            model="openai/priced-by-flags", api_base=server.api_base, api_key=KEY,
+            context_window=4096, price_in=2.0, price_out=8.0,
+        ))
+        seen: list[float] = []
+
+        class Spy(litellm.integrations.custom_logger.CustomLogger):
+            async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+                seen.append(kwargs.get("response_cost"))
+
+        spy = Spy()
+        litellm.callbacks.append(spy)
+        try:
+            completion = await client.complete("worker", ask(), max_tokens=8)
+            for _ in range(50):
+                if seen:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            litellm.callbacks.remove(spy)
+    expected = completion.prompt_tokens * 2.0e-6 + completion.completion_tokens * 8.0e-6
+    assert completion.prompt_tokens > 0 and completion.completion_tokens > 0
+    assert completion.cost_usd == pytest.approx(expected)
+    assert seen and seen[0] == pytest.approx(expected), seen
