@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from rlm_graph import arun
 from rlm_graph.models import Completion
 from rlm_graph.nodes.merge import short_candidates
@@ -25,6 +27,11 @@ QUESTION = "What is the code for the red door?"
 
 def reply(answer: str, finish_reason: str = "stop") -> Completion:
     return Completion(text=json.dumps({"answer": answer}), finish_reason=finish_reason,
+                      prompt_tokens=9, completion_tokens=3)
+
+
+def reply_text(answer: str) -> Completion:
+    return Completion(text=json.dumps({"answer": answer, "quote": ""}), finish_reason="stop",
                       prompt_tokens=9, completion_tokens=3)
 
 
@@ -224,3 +231,123 @@ async def test_the_root_leaf_is_focused_too(scripted):
     result = await arun(QUESTION, text=text, model="scripted/m", kind="short", context_window=4096)
 
     assert result.answer == "7781" and result.tree.attempts == 2
+
+
+# -- answers with nothing new, and sentences of line-oriented text (issue-5 user test)
+
+STORY = (
+    "The Dormouse had fallen asleep again.\n"
+    "'Once upon a time there were three little sisters,' the Dormouse began in a\n"
+    "great hurry; 'and their names were Elsie, Lacie, and Tillie; and they lived\n"
+    "at the bottom of a well.'\n"
+)
+SISTERS = "What were the names of the three sisters in the Dormouse's story?"
+LOG = "".join(
+    f"2026-01-01T10:{n // 60:02d}:{n % 60:02d} INFO user=u{n % 4} request id={1100 + n} took {100 + 7 * n} ms\n"
+    for n in range(60)
+)
+LATENCY = "How long did request 1150 take?"
+
+
+@pytest.mark.parametrize(
+    ("text", "question", "said"),
+    [
+        (STORY, SISTERS, "a"), (STORY, SISTERS, "the"), (STORY, SISTERS, "and"),
+        (STORY, SISTERS, "Dormouse"), (STORY, SISTERS, "three sisters"),
+        (STORY, SISTERS, "the names of the sisters"),
+        (LOG, LATENCY, "request"), (LOG, LATENCY, "took"), (LOG, LATENCY, "ms"),
+        (LOG, LATENCY, "1150"), (LOG, LATENCY, "1150 ms"), (LOG, LATENCY, "request 1150"),
+    ],
+)
+def test_a_short_answer_with_nothing_of_its_own_is_rejected(text, question, said):
+    # Function words, bare units and the question's own words and numbers
+    # (by stem: "took" is "take") carry no answer, however well they are placed.
+    verdict = verify_leaf(text, task(0, len(text), question), "short", reply(said))
+
+    assert not verdict.ok and verdict.code == "restated"
+    assert "says nothing new" in verdict.feedback and "not stated" in verdict.feedback
+
+
+@pytest.mark.parametrize(
+    ("text", "question", "said", "line"),
+    [
+        (STORY, SISTERS, "Elsie, Lacie, and Tillie", "great hurry;"),
+        (LOG, LATENCY, "450", "id=1150 took 450 ms"),
+        (LOG, LATENCY, "450 ms", "id=1150 took 450 ms"),
+    ],
+)
+def test_a_short_answer_with_a_word_of_its_own_is_still_accepted(text, question, said, line):
+    verdict = verify_leaf(text, task(0, len(text), question), "short", reply(said))
+
+    assert verdict.ok and verdict.answer.found and verdict.answer.text == said
+    assert line in verdict.answer.evidence[0].quote
+
+
+def test_a_choice_question_may_be_answered_with_its_own_words():
+    text = "The door on the left is red. Nobody painted it blue."
+    question = "Is the door red or blue?"
+    verdict = verify_leaf(text, task(0, len(text), question), "short", reply("red"))
+
+    assert verdict.ok and verdict.answer.text == "red"
+    assert not verify_leaf(text, task(0, len(text), question), "short", reply("the")).ok
+
+
+def test_a_function_word_answer_points_at_the_sentence_most_like_the_question():
+    verdict = verify_leaf(STORY, task(0, len(STORY), SISTERS), "short", reply("a"))
+
+    assert verdict.focus is not None
+    assert verdict.focus.quote.startswith("'Once upon a time there were three little sisters")
+    assert STORY[verdict.focus.start : verdict.focus.end] == verdict.focus.quote
+    # A word the excerpt uses only in sentences unlike the question points nowhere.
+    tea = "Alice poured a cup of tea. The Hatter sang."
+    unrelated = verify_leaf(tea, task(0, len(tea), SISTERS), "short", reply("of"))
+    assert unrelated.code == "restated" and unrelated.focus is None
+
+
+async def test_a_leaf_that_answers_a_is_asked_about_its_best_sentence_alone(scripted):
+    # The embedded model answered "a" on the quickstart-style question.
+    focused_sentence = STORY[STORY.index("'Once") : STORY.index("well.'") + len("well.'")]
+
+    def model(request: ModelRequest) -> str:
+        excerpt = (excerpt_of(request) or "").strip()
+        if excerpt == focused_sentence:
+            return json.dumps({"answer": "Elsie, Lacie, and Tillie"})
+        return json.dumps({"answer": "a"})
+
+    double = scripted(model)
+    result = await arun(SISTERS, text=STORY, model="scripted/m", kind="short", context_window=4096)
+
+    assert result.answer == "Elsie, Lacie, and Tillie"
+    assert [c.quote for c in result.citations] == [focused_sentence]
+    assert len(double.requests) == 2
+
+
+def test_a_sentence_of_line_oriented_text_is_one_line():
+    verdict = verify_leaf(LOG, task(0, len(LOG), LATENCY), "short", reply("450"))
+
+    (evidence,) = verdict.answer.evidence
+    assert evidence.quote == "2026-01-01T10:00:50 INFO user=u2 request id=1150 took 450 ms"
+    assert LOG[evidence.start : evidence.end] == evidence.quote
+    said = verify_leaf(LOG, task(0, len(LOG), LATENCY), "text", reply_text("It took 450 ms"))
+    assert said.ok and said.answer.evidence[0].quote == evidence.quote
+
+
+def test_wrapped_prose_keeps_its_sentences_across_line_breaks_but_not_without_end():
+    verdict = verify_leaf(STORY, task(0, len(STORY), SISTERS), "short", reply("Tillie"))
+    assert verdict.answer.evidence[0].quote.count("\n") == 2, "a wrapped sentence of three lines is whole"
+    # Prose whose sentence never ends is cut at its line breaks past 600 characters.
+    runaway = "\n".join(f"and the {n}th guest came in with a hat and a cup of tea" for n in range(30))
+    runaway += "\nand the Hatter poured tea for Alice\n" + "\n".join("nobody said a word" for _ in range(40))
+    text = "Alice looked around. It was quiet.\n" + runaway
+    long_one = verify_leaf(text, task(0, len(text), "Who poured tea for Alice?"), "short", reply("the Hatter"))
+    assert long_one.ok and long_one.answer.evidence[0].quote == "and the Hatter poured tea for Alice"
+
+
+def test_short_answers_from_log_lines_rank_by_their_own_line():
+    # Each number's evidence is its own line: the line of request 1150 wins,
+    # not whichever 30-line blob held the most question words.
+    first = verify_leaf(LOG, task(0, len(LOG), LATENCY), "short", reply("107"))
+    right = verify_leaf(LOG, task(0, len(LOG), LATENCY), "short", reply("450"))
+
+    ranked = short_candidates([first.answer, right.answer], LATENCY)
+    assert [a.text for _, a in ranked] == ["450", "107"] and ranked[0][0] > ranked[1][0]

@@ -163,7 +163,7 @@ def test_cli_says_a_partial_answer_is_partial(scripted, tmp_path):
                 "quotes": ["Ticket 1: label refund", "Ticket 1: label refund"],
             },
             "no-evidence",
-            "one quote per occurrence",
+            "1 of your quotes repeat a line that occurs fewer times",
         ),
         ({"count": 2.5, "quotes": []}, "malformed", "whole number"),
         ({"count": -1, "quotes": []}, "malformed", "negative"),
@@ -433,3 +433,18 @@ def test_cli_yesno_without_evidence_says_no_evidence_found(scripted, tmp_path):
         ],
     )
     assert human.stdout.startswith("no (no evidence found)")
+
+
+def test_quotes_that_repeat_a_line_are_told_so_not_that_they_do_not_occur():
+    # Each real line quoted twice and counted twice (the issue-5 user test):
+    # "do not occur" would send the model looking for lines it did copy right.
+    lines = ["Ticket 1: label refund.", "Ticket 3: label refund."]
+    verdict = verify_leaf(SMALL, task(), "count", reply({"count": 4, "quotes": lines + lines}))
+
+    assert not verdict.ok and verdict.code == "no-evidence"
+    assert verdict.feedback.startswith("2 of your quotes repeat a line")
+    assert "do not occur" not in verdict.feedback and "Quote each occurrence once" in verdict.feedback
+    mixed = verify_leaf(
+        SMALL, task(), "count", reply({"count": 3, "quotes": [*lines, lines[0], "Ticket 9: label refund."]})
+    )
+    assert "1 of your quotes repeat a line" in mixed.feedback and "1 do not occur" in mixed.feedback

@@ -42,12 +42,56 @@ _NOT_STATED = re.compile(r"^\W*(not stated|unknown|none|n/?a|no answer)\W*$", re
 _SENTENCE = regex.compile(
     r"(?:[^.!?\n]|\n(?![ \t]*\n))+(?:[.!?]+['\"\u2019\u201d]*|(?=\n[ \t]*\n)|$)", regex.V1
 )
+_SENTENCE_END = regex.compile(r"[.!?]+['\"\u2019\u201d)\]]*(?=\s|$)")
+_LINE = regex.compile(r"[^\n]+")
+LINE_ORIENTED_ENDS = 0.1
+"""A span with fewer sentence ends than this per non-blank line is
+line-oriented (logs, CSV, lists): its sentences never run across a line break."""
+MAX_SENTENCE_CHARS = 600
+"""A "sentence" of prose longer than this that runs across line breaks is
+split at them (unpunctuated text would otherwise make one blob of many lines)."""
 _STOP_WORDS = frozenset(
     "the and was were for that this with from are his her she him they them their "
     "what who which when where why how did does not but had has have been into "
     "there then than its it's you your our out about would could should answer "
     "text excerpt question".split()
 )
+# Words that carry no answer on their own: articles, pronouns, prepositions,
+# conjunctions and auxiliaries (short ones included, unlike _STOP_WORDS).
+# Quantifiers and "no" are left out: "all", "none" or "no" can be an answer.
+_FUNCTION_WORDS = _STOP_WORDS | frozenset(
+    "a an of in on at to by as if or so up it he me my we us i is am be do "
+    "nor yet also just only very too here these those whom whose this that "
+    "mine yours hers ours theirs himself herself itself themselves "
+    "onto upon over under after before between through during without within "
+    "because while since until unless whether "
+    "being having doing done will shall can may might must".split()
+)
+# A unit alone answers no "how long / how much" question: the value is missing.
+_BARE_UNITS = frozenset(
+    "ms msec s sec secs second seconds min mins minute minutes h hr hrs hour hours "
+    "day days kb mb gb tb bytes kg g mg km m cm mm percent pct".split()
+)
+# Past forms of common verbs, so "took" is seen as the question's "take".
+_IRREGULAR = {
+    form: base
+    for base, forms in {
+        "take": "took taken", "go": "went gone", "come": "came", "make": "made",
+        "give": "gave given", "get": "got gotten", "say": "said", "see": "saw seen",
+        "know": "knew known", "find": "found", "tell": "told", "think": "thought",
+        "feel": "felt", "keep": "kept", "meet": "met", "pay": "paid", "send": "sent",
+        "spend": "spent", "stand": "stood", "begin": "began begun", "run": "ran",
+        "write": "wrote written", "buy": "bought", "bring": "brought", "hold": "held",
+        "lose": "lost", "sell": "sold", "win": "won", "eat": "ate eaten",
+        "fall": "fell fallen", "grow": "grew grown", "draw": "drew drawn",
+        "choose": "chose chosen", "speak": "spoke spoken", "break": "broke broken",
+        "build": "built", "catch": "caught", "teach": "taught", "sit": "sat",
+        "drive": "drove driven", "fly": "flew flown", "become": "became",
+        "mean": "meant", "hear": "heard", "do": "did done", "be": "was were been",
+        "have": "had", "sing": "sang sung", "drink": "drank drunk", "swim": "swam swum",
+    }.items()
+    for form in forms.split()
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,13 +249,39 @@ def locate_answer(text: str, start: int, end: int, answer: str, question: str) -
     wanted = _own_words(answer, question)
     if not wanted or len(wanted) > 8:
         return None
-    for match in _SENTENCE.finditer(text, start, end):
-        words = set(_words(match.group(0)))
-        if FILE_HEADER_MARK not in match.group(0) and all(w in words for w in wanted):
-            sentence = match.group(0).strip()
-            offset = match.start() + match.group(0).index(sentence)
-            return Evidence(quote=sentence, start=offset, end=offset + len(sentence))
+    for at, stop in sentences(text, start, end):
+        sentence = text[at:stop]
+        words = set(_words(sentence))
+        if FILE_HEADER_MARK not in sentence and all(w in words for w in wanted):
+            return Evidence(quote=sentence, start=at, end=stop)
     return None
+
+
+def sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """The sentences of ``text[start:end]`` as offsets, stripped of spaces.
+
+    Prose sentences end at ``.``, ``!`` or ``?`` (or a blank line) and may run
+    across single line breaks, as wrapped prose does. In a line-oriented span
+    (fewer than :data:`LINE_ORIENTED_ENDS` sentence ends per line: logs, CSV,
+    lists) no sentence runs across a line break, and in prose one that would
+    grow past :data:`MAX_SENTENCE_CHARS` characters is cut at its line breaks.
+    """
+    lines = sum(1 for line in _LINE.finditer(text, start, end) if line.group(0).strip())
+    ends = sum(1 for _ in _SENTENCE_END.finditer(text, start, end))
+    by_line = lines > 1 and ends < LINE_ORIENTED_ENDS * lines
+    found: list[tuple[int, int]] = []
+    for match in _SENTENCE.finditer(text, start, end):
+        if "\n" in match.group(0).strip() and (by_line or len(match.group(0)) > MAX_SENTENCE_CHARS):
+            pieces = [(line.start(), line.end()) for line in _LINE.finditer(text, match.start(), match.end())]
+        else:
+            pieces = [(match.start(), match.end())]
+        for at, stop in pieces:
+            piece = text[at:stop]
+            inner = piece.strip()
+            if inner:
+                offset = at + piece.index(inner)
+                found.append((offset, offset + len(inner)))
+    return found
 
 
 def supports(quote: str, answer: str, question: str) -> bool:
@@ -335,19 +405,32 @@ def _check_short(text: str, task: Task, data: dict[str, Any]) -> Verdict:
 
     The answer's own occurrence is the evidence: the sentence around it that
     shares the most content words with the question. Weak models copy well
-    and paraphrase badly, so nothing the span does not contain is accepted.
+    and paraphrase badly, so nothing the span does not contain is accepted,
+    and neither is an answer with no information of its own (see
+    :func:`_says_nothing_new`).
     """
     answer = str(data.get("answer") or "").strip().strip(_QUOTE_MARKS).strip().rstrip(".,;:!?").strip()
     if not answer or _NOT_STATED.match(answer):
         return Verdict(True, "ok", Answer(kind="short", found=False))
-    if _repeats_question(answer, task.question):
+    spans = sentences(text, task.start, task.end)
+    if _says_nothing_new(answer, task.question):
         # Small models often copy the start of the right sentence and stop where
-        # the answer begins; that sentence is worth reading again on its own.
-        found = _answer_pattern(answer).search(text, task.start, task.end)
-        focus = _sentence_around(text, task.start, task.end, found.start(), found.end()) if found else None
+        # the answer begins (or answer "a"); the sentence holding those words
+        # that is most like the question is worth reading again on its own.
+        pattern = _answer_pattern(answer)
+        scored = [
+            (question_overlap(text[at:stop], task.question), at, stop)
+            for at, stop in spans if pattern.search(text, at, stop)
+        ]
+        best_focus = max(scored, key=lambda s: s[0], default=None)
+        focus = (
+            Evidence(quote=text[best_focus[1] : best_focus[2]], start=best_focus[1], end=best_focus[2])
+            if best_focus is not None and best_focus[0] > 0 else None
+        )
         return Verdict(False, "restated", focus=focus, feedback=(
-            "Your answer only repeats the question. Copy the words of the excerpt "
-            'that answer it, or answer "not stated".'
+            "Your answer says nothing new: it is only common words (like \"a\", "
+            "\"the\", \"and\"), units, or words and numbers of the question itself. "
+            'Copy the words of the excerpt that answer the question, or answer "not stated".'
         ))
     best: tuple[int, Evidence, str] | None = None
     # A model that copied a sentence and ran on past it: its first sentence counts.
@@ -357,7 +440,7 @@ def _check_short(text: str, task: Task, data: dict[str, Any]) -> Verdict:
         tries.append(first.group(0).strip().rstrip(".!?"))
     for attempt in tries:
         for match in _answer_pattern(attempt).finditer(text, task.start, task.end):
-            sentence = _sentence_around(text, task.start, task.end, match.start(), match.end())
+            sentence = _sentence_around(text, spans, match.start(), match.end())
             score = question_overlap(sentence.quote, task.question)
             if best is None or score > best[0]:
                 best = (score, sentence, match.group(0))
@@ -376,13 +459,41 @@ def _check_short(text: str, task: Task, data: dict[str, Any]) -> Verdict:
     return Verdict(True, "ok", Answer(kind="short", found=True, text=best[2], evidence=(best[1],)))
 
 
-def _repeats_question(answer: str, question: str) -> bool:
-    """Whether a short answer of several words has no word of its own: each is a
-    stop word or shares its first four letters with a word of the question
-    ("leaves" for "leave")."""
-    words = _words(answer)
-    asked = {w[:4] for w in _words(question)}
-    return len(words) > 1 and all(w in _STOP_WORDS or w[:4] in asked for w in words)
+def _says_nothing_new(answer: str, question: str) -> bool:
+    """Whether a short answer carries no information of its own.
+
+    It does not when every word of it is a function word ("a", "the", "and"),
+    a bare unit ("ms") or a word or number of the question: "Dormouse" for a
+    question about the Dormouse's story, "1150" for one about request 1150.
+    Words are compared by a rough stem, so "leaves" is "leave" and "took" is
+    "take". A question that offers a choice ("red or blue?") is answered with
+    its own words, so there only function words and units count as nothing.
+    """
+    tokens = [t.casefold() for t in regex.findall(r"\w+", answer)]
+    asked_tokens = [t.casefold() for t in regex.findall(r"\w+", question)]
+    asked = set() if "or" in asked_tokens else {_stem(t) for t in asked_tokens}
+    return all(t in _FUNCTION_WORDS or t in _BARE_UNITS or _stem(t) in asked for t in tokens)
+
+
+def _stem(word: str) -> str:
+    """A rough stem: irregular past forms to their base, then one common suffix
+    off, a final "e" off and a doubled final consonant single ("running" and
+    "run", "names" and "name", "took" and "take" meet). Numbers stay whole."""
+    if word.isdigit():
+        return word
+    word = _IRREGULAR.get(word, word)
+    if word.endswith("ies") and len(word) > 4:
+        word = word[:-3] + "y"
+    else:
+        for suffix in ("ing", "ers", "es", "ed", "er", "s"):
+            if word.endswith(suffix) and len(word) - len(suffix) >= 3 and not word.endswith("ss"):
+                word = word[: -len(suffix)]
+                break
+    if len(word) > 3 and word.endswith("e"):
+        word = word[:-1]
+    if len(word) > 3 and word[-1] == word[-2] and word[-1] not in "aeiouls":
+        word = word[:-1]
+    return word
 
 
 def _answer_pattern(answer: str) -> regex.Pattern[str]:
@@ -391,16 +502,13 @@ def _answer_pattern(answer: str) -> regex.Pattern[str]:
     return regex.compile(rf"(?<!\w){body}(?!\w)", regex.IGNORECASE | regex.V1)
 
 
-def _sentence_around(text: str, start: int, end: int, at: int, stop: int) -> Evidence:
-    """The sentence of ``text[start:end]`` holding ``text[at:stop]`` (or the
-    match itself when it spans sentences)."""
-    for match in _SENTENCE.finditer(text, start, end):
-        if match.start() <= at and stop <= match.end():
-            sentence = match.group(0).strip()
-            offset = match.start() + match.group(0).index(sentence)
-            return Evidence(quote=sentence, start=offset, end=offset + len(sentence))
-        if match.start() > at:
-            break
+def _sentence_around(text: str, spans: list[tuple[int, int]], at: int, stop: int) -> Evidence:
+    """The sentence (one of ``spans``, from :func:`sentences`) holding
+    ``text[at:stop]``, or the match itself when it spans sentences."""
+    index = bisect.bisect_right(spans, (at, len(text) + 1)) - 1
+    if index >= 0 and spans[index][0] <= at and stop <= spans[index][1]:
+        begin, finish = spans[index]
+        return Evidence(quote=text[begin:finish], start=begin, end=finish)
     return Evidence(quote=text[at:stop], start=at, end=stop)
 
 
@@ -690,6 +798,20 @@ def _backing(
             missing.append(quote)
         else:
             located.append(evidence)
+    # A quote that does occur, but whose every occurrence an earlier quote of
+    # this reply took, repeats a line: saying it "does not occur" misleads.
+    repeated = [q for q in missing if locate_quote(text, task.start, task.end, q) is not None]
+    if repeated:
+        shown = " ".join(repeated[0].split())[:80]
+        label = f" for {what}" if what else ""
+        absent = len(missing) - len(repeated)
+        also = f" and {absent} do not occur in the excerpt" if absent else ""
+        feedback = (
+            f"{len(repeated)} of your quotes{label} repeat a line that occurs fewer times "
+            f"in the excerpt than you quoted it (first: {shown!r}){also}. Quote each "
+            "occurrence once, and count only the occurrences you quote."
+        )
+        return (), Verdict(False, "no-evidence", feedback=feedback)
     if missing:
         shown = " ".join(missing[0].split())[:80]
         label = f" for {what}" if what else ""
