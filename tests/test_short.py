@@ -351,3 +351,25 @@ def test_short_answers_from_log_lines_rank_by_their_own_line():
 
     ranked = short_candidates([first.answer, right.answer], LATENCY)
     assert [a.text for _, a in ranked] == ["450", "107"] and ranked[0][0] > ranked[1][0]
+
+
+async def test_a_rejected_span_is_split_into_two_overlapping_halves_not_three(scripted):
+    # Halves of a failing span each hold their share of the overlap: before, a
+    # sliver of a third piece was left over (three more calls per bad span).
+    double = scripted(lambda request: json.dumps({"answer": "9999"}))
+    text = LOG * 4
+    result = await arun(LATENCY, text=text, model="scripted/m", kind="short", chunk_tokens=600,
+                        context_window=4096, verify_retries=1, planner="rules")
+
+    def nodes(node):
+        yield node
+        for child in node.children:
+            yield from nodes(child)
+
+    split = [n for n in nodes(result.tree) if n.verdict == "split-after-no-evidence"]
+    assert len(split) >= 4
+    assert all(len(n.children) == 2 for n in split), [len(n.children) for n in split]
+    # Each bad span costs its two tries and two per half: 6 calls, not 8.
+    assert all(n.attempts + sum(c.attempts for c in n.children) == 6 for n in split)
+    leaf_requests = [r for r in double.requests if excerpt_of(r) is not None]
+    assert len(leaf_requests) == sum(n.attempts for n in nodes(result.tree))

@@ -229,10 +229,14 @@ class Engine:
             if group is not None:
                 return self._group_children(task, group)
         if finer:
-            budget = max(MIN_LEAF_TOKENS, (task.tokens + 1) // 2)
+            # Halves that overlap: each half holds its share of the overlap too,
+            # or a sliver of a third piece (a third more calls) is left over.
+            half = max(MIN_LEAF_TOKENS, (task.tokens + 1) // 2)
+            overlap = min(self.plan.overlap_tokens, half // 4)
+            budget = half + overlap
         else:
             budget = piece_budget(self.plan, task)
-        overlap = min(self.plan.overlap_tokens, budget // 4)
+            overlap = min(self.plan.overlap_tokens, budget // 4)
         spans = split_span(
             self.source.text, task.start, task.end,
             max_tokens=budget,
