@@ -683,6 +683,10 @@ def test_a_count_or_yes_no_cue_anywhere_wins_over_the_join_shape(question, kind)
         ("List the users who have both a refund record and a shipping record, sorted by id.", CONDITIONS),
         ("List the users who have both a refund record and a shipping record in alphabetical order.", CONDITIONS),
         ("List the users who both logged in and paid an invoice.", ("logged in", "paid an invoice")),
+        (
+            "List the users who have both a refund and an item ordered by phone.",
+            ("have a refund", "have an item ordered by phone"),
+        ),
     ],
 )
 def test_planner_reads_harder_join_wordings(question, conditions):

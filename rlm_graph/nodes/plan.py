@@ -143,13 +143,16 @@ _ALSO = re.compile(
 )
 _LEADING_ALSO = re.compile(r"^(?:also|additionally)\s+", re.I)
 _ORDERING = re.compile(
-    r"(?:\s*,\s*|\s+)(?:(?:sorted|ordered|arranged|ranked|grouped|listed)\s+(?:by|in|alphabetically|"
-    r"numerically)\b|(?:in|by)\s+(?:alphabetical|numerical|ascending|descending)\s+order\b|"
-    r"one per line\b).*$",
+    r"(?:\s*,\s*(?:sorted|ordered|arranged|ranked|grouped|listed)\s+(?:by|in|alphabetically|numerically)\b|"
+    r"\s+sorted\s+(?:by|alphabetically|numerically)\b|"
+    r",?\s+(?:in|by)\s+(?:alphabetical|numerical|ascending|descending)\s+order\b|"
+    r",?\s+one per line\b).*$",
     re.I,
 )
 """A trailing request about how to show the list (", sorted by id"): a join's
-answer is always sorted, so it is dropped before the conditions are read."""
+answer is always sorted, so it is dropped before the conditions are read.
+Without a comma only "sorted by" and "in ... order" count: "an item ordered by
+phone" may be a condition."""
 _AFTERTHOUGHT = re.compile(
     r"^(?:(?:with|including|plus|along with|together with)\s+)?"
     r"(?:their|its|his|her|whose|the reasons?|why|how|when|where)\b|"
