@@ -742,6 +742,15 @@ class _errors_to_exit_codes:
         sys.exit(EXIT_USAGE if usage else EXIT_MODEL)
 
 
+def _planned(plan: dict[str, Any]) -> str:
+    """A line saying the model's plan changed the announced answer kind."""
+    line = f"the plan ({plan['made_by']}) makes it a {plan['kind']} answer, not {plan['kind_before']}"
+    if plan["kind"] == "join":
+        numbered = "; ".join(f"{i + 1}. {c}" for i, c in enumerate(plan["conditions"]))
+        line += f"; conditions: {numbered} (listed: the {plan['entity'] or 'entities'} meeting all)"
+    return line
+
+
 class _Progress:
     """A live line on stderr: tasks, depth, calls and tokens (rich)."""
 
@@ -753,10 +762,13 @@ class _Progress:
         self.depth = 0
         self._live: Any = None
         self._t0 = time.monotonic()
+        self.kind: str | None = None
+        """The answer kind the start line announced."""
 
     def start(self, engine: Any) -> None:
         if engine is not None:
             plan = engine.plan
+            self.kind = plan.kind
             click.echo(
                 f"rlm-graph: {engine.source.describe()}, {plan.source_tokens:,} tokens; "
                 f"{plan.kind} answer; leaves of up to {plan.leaf_tokens:,} tokens; "
@@ -787,11 +799,10 @@ class _Progress:
     def on_event(self, event: Any) -> None:
         if event.kind == "run_started":
             self.run_id = event.data["run_id"]
-            message = f"rlm-graph: run {self.run_id} (if stopped: {self.resume_hint()})"
-            if self._live is not None:
-                self._live.console.print(message, highlight=False)
-            else:
-                click.echo(message, err=True)
+            self._say(f"rlm-graph: run {self.run_id} (if stopped: {self.resume_hint()})")
+        elif event.kind == "plan_made" and event.data["kind"] != (self.kind or event.data["kind_before"]):
+            self.kind = event.data["kind"]
+            self._say(f"rlm-graph: {_planned(event.data)}")
         elif event.kind == "task_started":
             self.started += 1
             self.depth = max(self.depth, event.depth)
@@ -803,6 +814,12 @@ class _Progress:
             self.tokens += event.data.get("prompt_tokens", 0) + event.data.get("completion_tokens", 0)
         if self._live is not None:
             self._live.update(self._render())
+
+    def _say(self, message: str) -> None:
+        if self._live is not None:
+            self._live.console.print(message, highlight=False)
+        else:
+            click.echo(message, err=True)
 
     def _render(self) -> Any:
         from rich.text import Text

@@ -17,6 +17,8 @@ import regex
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rlm_graph.nodes.types import condition_key
+
 __all__ = ["AnswerKind", "RunConfig"]
 
 AnswerKind = Literal["auto", "text", "short", "list", "count", "table", "yesno", "schema", "join"]
@@ -176,7 +178,24 @@ class RunConfig(BaseSettings):
         if any(len(c) > 200 for c in cleaned):
             msg = "a join condition is longer than 200 characters; shorten it"
             raise ValueError(msg)
+        keys = [condition_key(c) for c in cleaned]
+        for index, key in enumerate(keys):
+            if key in keys[:index]:
+                first, condition = cleaned[keys.index(key)], cleaned[index]
+                msg = (
+                    f"the join conditions {first!r} and {condition!r} are the same (they differ "
+                    "at most in case or spacing); give each --condition once"
+                )
+                raise ValueError(msg)
         return cleaned
+
+    @field_validator("entity")
+    @classmethod
+    def _named_entity(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            msg = "--entity is empty; give the plural noun a join answer lists ('users'), or drop it"
+            raise ValueError(msg)
+        return " ".join(value.split()) if value is not None else None
 
     @field_validator("answer_schema")
     @classmethod
@@ -196,7 +215,7 @@ class RunConfig(BaseSettings):
         _check_refs(value)
         return value
 
-    @field_validator("model", "worker_model", "judge_model", "api_base", "entity")
+    @field_validator("model", "worker_model", "judge_model", "api_base")
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():

@@ -73,7 +73,7 @@ _META_ANSWER = re.compile(
 class Event:
     """Progress of a run, for displays and logs."""
 
-    kind: Literal["run_started", "task_started", "task_done", "call_done"]
+    kind: Literal["run_started", "plan_made", "task_started", "task_done", "call_done"]
     task_id: str = ""
     depth: int = 0
     data: dict[str, Any] = field(default_factory=dict)
@@ -204,7 +204,12 @@ class Engine:
         logger.info("plan made by %s: kind %s, leaves of %d tokens, filter %r%s",
                     plan.made_by, plan.kind, plan.leaf_tokens, plan.filter,
                     f", conditions {list(plan.conditions)}" if plan.kind == "join" else "")
+        before = self.plan.kind
         self.adopt_plan(plan)
+        self.emit(Event("plan_made", data={
+            "made_by": plan.made_by, "kind": plan.kind, "kind_before": before,
+            "conditions": list(plan.conditions), "entity": plan.entity,
+        }))
 
         return plan
 
