@@ -457,7 +457,7 @@ class Engine:
         messages = judge_messages(task.question, span, json.dumps(shown, ensure_ascii=False))
         data = await self._judge_verdict(task, messages)
         if data is None:
-            logger.warning("task %s: the judge gave no verdict; answer kept unjudged", task.id)
+            logger.info("task %s: the judge gave no verdict; answer kept unjudged", task.id)
             return replace(decision, judge="judge-unavailable")
         reason = " ".join(str(data.get("reason") or "").split())[:300]
         if data["supported"]:
