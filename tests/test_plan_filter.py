@@ -28,7 +28,8 @@ LOG = "\n".join(
 ERRORS = sum(1 for line in LOG.splitlines() if " ERROR " in line)
 COUNT_Q = "How many ERROR lines are there?"
 JOIN_LOG = "\n".join(
-    f"2024-01-{1 + i % 28:02d} {'refund' if i % 2 else 'shipping'} record user=U{i % 9} amount={i}"
+    f"2024-01-{1 + i % 28:02d} {('shipping', 'refund')[i % 2]} record "
+    f"user=U{i % 9} amount={i}"
     for i in range(120)
 )
 JOIN_Q = "List the users who have both a refund record and a shipping record."
@@ -130,11 +131,15 @@ def test_join_model_filter_must_look_for_every_condition(pattern, taken):
 
 
 def test_join_from_the_models_conditions_checks_its_filter_against_them():
-    rules, source = rules_for("List the users with refund records or shipping records.", JOIN_LOG)
+    rules, source = rules_for(
+        "List the users with refund records or shipping records.", JOIN_LOG
+    )
     assert rules.kind == "list"
     reply = plan_reply(
-        kind="join", filter="refund",
-        conditions=["have a refund record", "have a shipping record"], entity="users",
+        kind="join",
+        filter="refund",
+        conditions=["have a refund record", "have a shipping record"],
+        entity="users",
     )
 
     plan = apply_model_plan(rules, reply, source)
@@ -169,8 +174,18 @@ def id_lines(request: ModelRequest) -> str:
 def test_cli_says_which_filter_skipped_how_many_parts(scripted, tmp_path):
     scripted(id_lines)
     source = log_file(tmp_path)
-    common = ("-q", ID_Q, "--model", "scripted/m", "--context-window", "4096",
-              "--chunk-tokens", "400", "--store", "memory")
+    common = (
+        "-q",
+        ID_Q,
+        "--model",
+        "scripted/m",
+        "--context-window",
+        "4096",
+        "--chunk-tokens",
+        "400",
+        "--store",
+        "memory",
+    )
 
     by_model = cli("run", source, *common, "--planner", "model")
     as_json = cli("run", source, *common, "--planner", "model", "--json")
@@ -178,7 +193,8 @@ def test_cli_says_which_filter_skipped_how_many_parts(scripted, tmp_path):
 
     assert by_model.exit_code == 0, by_model.output
     said = re.search(
-        r"the plan's filter 'id=1003' \(made by model\) skipped (\d+) of (\d+) parts unread",
+        r"the plan's filter 'id=1003' \(made by model\) "
+        r"skipped (\d+) of (\d+) parts unread",
         by_model.stdout,
     )
     assert said is not None, by_model.stdout
@@ -186,19 +202,43 @@ def test_cli_says_which_filter_skipped_how_many_parts(scripted, tmp_path):
     assert 0 < skipped < parts
     data = json.loads(as_json.stdout)
     assert (data["skipped_parts"], data["parts"]) == (skipped, parts)
-    assert data["plan"]["filter"] == "id=1003" and "filter" not in data["plan"]["overridden"]
+    assert (
+        data["plan"]["filter"] == "id=1003"
+        and "filter" not in data["plan"]["overridden"]
+    )
     assert by_flag.exit_code == 0, by_flag.output
-    assert f"'id=1003' (given by --filter) skipped {skipped} of {parts} parts" in by_flag.stdout
+    assert (
+        f"'id=1003' (given by --filter) skipped {skipped} of {parts} parts"
+        in by_flag.stdout
+    )
 
 
 def test_no_skip_note_without_a_filter(scripted, tmp_path):
     scripted(id_lines)
-    out = cli("run", log_file(tmp_path), "-q", ID_Q, "--model", "scripted/m",
-              "--context-window", "4096", "--chunk-tokens", "400", "--planner", "rules",
-              "--store", "memory", "--json")
+    out = cli(
+        "run",
+        log_file(tmp_path),
+        "-q",
+        ID_Q,
+        "--model",
+        "scripted/m",
+        "--context-window",
+        "4096",
+        "--chunk-tokens",
+        "400",
+        "--planner",
+        "rules",
+        "--store",
+        "memory",
+        "--json",
+    )
 
     data = json.loads(out.stdout)
-    assert data["skipped_parts"] == 0 and data["parts"] > 1 and data["plan"]["filter"] is None
+    assert (
+        data["skipped_parts"] == 0
+        and data["parts"] > 1
+        and data["plan"]["filter"] is None
+    )
 
 
 # -- 3. --filter '' and --sub-question "" ---------------------------------------------
@@ -207,14 +247,29 @@ def test_no_skip_note_without_a_filter(scripted, tmp_path):
 def test_empty_filter_flag_means_no_filter_and_beats_the_models(scripted, tmp_path):
     double = scripted(id_lines)
     source = log_file(tmp_path)
-    common = ("-q", ID_Q, "--model", "scripted/m", "--context-window", "4096",
-              "--chunk-tokens", "400", "--planner", "model", "--filter", "")
+    common = (
+        "-q",
+        ID_Q,
+        "--model",
+        "scripted/m",
+        "--context-window",
+        "4096",
+        "--chunk-tokens",
+        "400",
+        "--planner",
+        "model",
+        "--filter",
+        "",
+    )
 
     dry = cli("run", source, *common, "--dry-run")
     run = cli("run", source, *common, "--json")
 
     assert dry.exit_code == 0, dry.output
-    assert "pre-filter:    none" in dry.stdout and "set by flags: chunk_tokens, filter" in dry.stdout
+    assert (
+        "pre-filter:    none" in dry.stdout
+        and "set by flags: chunk_tokens, filter" in dry.stdout
+    )
     assert "no filter: every piece is read" in dry.stdout
     data = json.loads(run.stdout)
     assert data["plan"]["filter"] is None and data["skipped_parts"] == 0
@@ -222,8 +277,16 @@ def test_empty_filter_flag_means_no_filter_and_beats_the_models(scripted, tmp_pa
 
 
 def test_empty_sub_question_is_refused_in_one_line(tmp_path):
-    out = cli("run", log_file(tmp_path), "-q", ID_Q, "--sub-question", "  ",
-              "--model", "scripted/m")
+    out = cli(
+        "run",
+        log_file(tmp_path),
+        "-q",
+        ID_Q,
+        "--sub-question",
+        "  ",
+        "--model",
+        "scripted/m",
+    )
 
     assert out.exit_code == 2, out.output
     assert "sub-question is empty" in out.stderr and "Traceback" not in out.output
@@ -239,8 +302,20 @@ def test_plan_line_is_printed_once_the_models_plan_is_final(scripted, tmp_path):
         return count_lines(request)
 
     scripted(plan_then_count)
-    out = cli("run", log_file(tmp_path), "-q", COUNT_Q, "--model", "scripted/m",
-              "--context-window", "4096", "--planner", "model", "--store", "memory")
+    out = cli(
+        "run",
+        log_file(tmp_path),
+        "-q",
+        COUNT_Q,
+        "--model",
+        "scripted/m",
+        "--context-window",
+        "4096",
+        "--planner",
+        "model",
+        "--store",
+        "memory",
+    )
 
     assert out.exit_code == 0, out.output
     lines = [ln for ln in out.stderr.splitlines() if "leaves of up to" in ln]
@@ -251,7 +326,10 @@ def test_plan_line_is_printed_once_the_models_plan_is_final(scripted, tmp_path):
 def test_overlap_flag_is_listed_as_set_and_kept_from_the_models_chunk_size():
     rules, source = rules_for(COUNT_Q, LOG, overlap_tokens=100)
     unset, _ = rules_for(COUNT_Q, LOG)
-    assert "overlap_tokens" in rules.overridden and "overlap_tokens" not in unset.overridden
+    assert (
+        "overlap_tokens" in rules.overridden
+        and "overlap_tokens" not in unset.overridden
+    )
 
     plan = apply_model_plan(rules, plan_reply(kind="count", chunk_tokens=200), source)
 
@@ -263,9 +341,23 @@ def test_dry_run_names_the_filters_origin_and_a_memory_store_keeping_nothing(
     scripted, tmp_path
 ):
     scripted(id_lines)
-    out = cli("run", log_file(tmp_path), "-q", ID_Q, "--model", "scripted/m",
-              "--context-window", "4096", "--chunk-tokens", "400", "--planner", "model",
-              "--store", "memory", "--dry-run")
+    out = cli(
+        "run",
+        log_file(tmp_path),
+        "-q",
+        ID_Q,
+        "--model",
+        "scripted/m",
+        "--context-window",
+        "4096",
+        "--chunk-tokens",
+        "400",
+        "--planner",
+        "model",
+        "--store",
+        "memory",
+        "--dry-run",
+    )
 
     assert out.exit_code == 0, out.output
     assert "skipped by the plan's filter (made by model):" in out.stdout
@@ -288,8 +380,13 @@ async def test_judge_without_a_verdict_is_asked_again_then_counted(scripted):
     scripted(text_reply(r"The secret code word is (\w+)\."), provider="scripted")
     scripted(judge, provider="judgedouble")
     result = await arun(
-        "What is the secret code word?", text=text, judge_model="judgedouble/j",
-        model="scripted/m", context_window=4096, planner="rules", chunk_tokens=2000,
+        "What is the secret code word?",
+        text=text,
+        judge_model="judgedouble/j",
+        model="scripted/m",
+        context_window=4096,
+        planner="rules",
+        chunk_tokens=2000,
     )
 
     assert result.answer == "TEAL" and result.status == "done"
@@ -300,13 +397,20 @@ async def test_judge_without_a_verdict_is_asked_again_then_counted(scripted):
 
 async def test_judge_that_answers_when_asked_again_gives_its_verdict(scripted):
     text = numbered_paragraphs(6, needle_at={3: "The secret code word is TEAL."})
-    replies = iter(["fine, I suppose", json.dumps({"supported": True, "reason": "stated"})])
+    replies = iter(
+        ["fine, I suppose", json.dumps({"supported": True, "reason": "stated"})]
+    )
 
     scripted(text_reply(r"The secret code word is (\w+)\."), provider="scripted")
     scripted(lambda request: next(replies), provider="judgedouble")
     result = await arun(
-        "What is the secret code word?", text=text, judge_model="judgedouble/j",
-        model="scripted/m", context_window=4096, planner="rules", chunk_tokens=2000,
+        "What is the secret code word?",
+        text=text,
+        judge_model="judgedouble/j",
+        model="scripted/m",
+        context_window=4096,
+        planner="rules",
+        chunk_tokens=2000,
     )
 
     assert result.tree.judge == "supported: stated"
@@ -315,13 +419,28 @@ async def test_judge_that_answers_when_asked_again_gives_its_verdict(scripted):
 
 def test_cli_summary_line_says_the_judge_gave_no_verdict(scripted, tmp_path):
     path = tmp_path / "book.txt"
-    path.write_text(numbered_paragraphs(6, needle_at={3: "The secret code word is TEAL."}))
+    path.write_text(
+        numbered_paragraphs(6, needle_at={3: "The secret code word is TEAL."})
+    )
     scripted(text_reply(r"The secret code word is (\w+)\."), provider="scripted")
     scripted(lambda request: "no idea", provider="judgedouble")
 
-    out = cli("run", str(path), "-q", "What is the secret code word?", "--model",
-              "scripted/m", "--judge-model", "judgedouble/j", "--context-window", "4096",
-              "--planner", "rules", "--store", "memory")
+    out = cli(
+        "run",
+        str(path),
+        "-q",
+        "What is the secret code word?",
+        "--model",
+        "scripted/m",
+        "--judge-model",
+        "judgedouble/j",
+        "--context-window",
+        "4096",
+        "--planner",
+        "rules",
+        "--store",
+        "memory",
+    )
 
     assert out.exit_code == 0, out.output
     assert "· done · judge gave no verdict on 1 of 1 answers ·" in out.stdout
@@ -336,8 +455,14 @@ def test_cli_summary_line_says_the_judge_gave_no_verdict(scripted, tmp_path):
         (["--chunk-tokens", "5"], "--chunk-tokens"),
         (["--filter", "(("], "--filter '((' is not a valid regular expression"),
         (["--context-window", "10"], "--context-window"),
-        (["--json", "/proc/rlm-graph-test.json"], "--json /proc/rlm-graph-test.json: cannot be written"),
-        (["--chart", "/proc/rlm-graph-test.png"], "--chart /proc/rlm-graph-test.png: cannot be written"),
+        (
+            ["--json", "/proc/rlm-graph-test.json"],
+            "--json /proc/rlm-graph-test.json: cannot be written",
+        ),
+        (
+            ["--chart", "/proc/rlm-graph-test.png"],
+            "--chart /proc/rlm-graph-test.png: cannot be written",
+        ),
     ],
 )
 def test_eval_refuses_bad_settings_and_paths_in_one_line(flags, words):
@@ -361,11 +486,23 @@ def test_writable_check_leaves_no_file_behind_and_keeps_an_existing_one(tmp_path
         _check_writable("--json", str(tmp_path))
 
 
-def test_eval_with_the_reading_double_plans_by_rules_and_marks_reference_prices(tmp_path):
+def test_eval_with_the_reading_double_plans_by_rules_and_marks_reference_prices(
+    tmp_path,
+):
     rows = tmp_path / "rows.json"
 
-    out = cli("eval", "--reading-double", "--sizes", "1k", "--method", "rlm",
-              "--depths", "0.5", "--json", str(rows))
+    out = cli(
+        "eval",
+        "--reading-double",
+        "--sizes",
+        "1k",
+        "--method",
+        "rlm",
+        "--depths",
+        "0.5",
+        "--json",
+        str(rows),
+    )
 
     assert out.exit_code == 0, out.output
     data = json.loads(rows.read_text())
@@ -373,4 +510,6 @@ def test_eval_with_the_reading_double_plans_by_rules_and_marks_reference_prices(
     assert data[0]["run"]["calls"] == 1  # no planning call the double cannot answer
     assert "cost at gpt-4o-mini reference prices" in out.stdout
     assert re.search(r"\| 0\.\d{4}\* \|", out.stdout)
-    assert "rules with --reading-double" in " ".join(cli("eval", "--help").output.split())
+    assert "rules with --reading-double" in " ".join(
+        cli("eval", "--help").output.split()
+    )
