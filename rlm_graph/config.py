@@ -89,7 +89,8 @@ class RunConfig(BaseSettings):
     ``model_json_schema()``); setting it makes the kind ``schema``."""
 
     sub_question: str | None = None
-    """What each piece is asked, instead of the planned sub-question."""
+    """What each piece is asked, instead of the planned sub-question (not
+    empty: leave it unset to let the plan decide)."""
 
     conditions: tuple[str, ...] = ()
     """For the ``join`` kind: the conditions an entity must meet, each of which
@@ -112,7 +113,9 @@ class RunConfig(BaseSettings):
 
     filter: str | None = None
     """Regular expression (case-insensitive): parts of the source with no match are
-    skipped without a model call. Ignored, with a warning, if it matches nowhere."""
+    skipped without a model call. Ignored, with a warning, if it matches nowhere.
+    ``""`` means no filter, and the model's plan may not add one; None lets the
+    plan decide."""
 
     max_output_tokens: int = Field(default=384, ge=16)
     """Output tokens reserved for each model call."""
@@ -166,7 +169,18 @@ class RunConfig(BaseSettings):
             except regex.error as exc:
                 msg = f"--filter {value!r} is not a valid regular expression: {exc}"
                 raise ValueError(msg) from exc
-        return value or None
+        return value
+
+    @field_validator("sub_question")
+    @classmethod
+    def _sub_question_said(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            msg = (
+                "the sub-question is empty; give --sub-question some words, or "
+                "leave it out to let the plan decide"
+            )
+            raise ValueError(msg)
+        return value
 
     @field_validator("conditions")
     @classmethod

@@ -375,7 +375,9 @@ def make_plan(
             ("conditions", config.conditions),
             ("sub_question", config.sub_question),
             ("chunk_tokens", config.chunk_tokens),
-            ("filter", config.filter),
+            ("overlap_tokens", "overlap_tokens" in config.model_fields_set),
+            # "" is the user's "no filter": the model may not add one.
+            ("filter", config.filter is not None),
         ) if value
     )
     return Plan(
@@ -499,6 +501,7 @@ def apply_model_plan(rules: Plan, reply: Any, source: Source) -> Plan:
         elif value is not None:
             update[name] = value
     _settle_join(rules, reply, update, rejected)
+    _settle_filter(rules, update, rejected)
     if "chunk_tokens" in update:
         tokens = update.pop("chunk_tokens")
         update["leaf_tokens"] = tokens
@@ -702,6 +705,9 @@ def _check_chunk_tokens(rules: Plan, value: Any, source: Source) -> tuple[Any, s
         return None, None
     if not MIN_LEAF_TOKENS <= value <= rules.leaf_tokens:
         return None, f"{value} is outside {MIN_LEAF_TOKENS}-{rules.leaf_tokens}"
+    if "overlap_tokens" in rules.overridden and value // 4 < rules.overlap_tokens:
+        # The overlap is at most a quarter of a leaf: this size would cut the user's.
+        return None, f"{value} is too small for --overlap-tokens {rules.overlap_tokens}"
     return value, None
 
 
@@ -713,6 +719,12 @@ def _check_filter(rules: Plan, value: Any, source: Source) -> tuple[Any, str | N
         compiled = compile_filter(pattern)
     except regex.error:
         return None, f"{pattern!r} is not a regular expression"
+    ungrounded = _ungrounded(pattern, _words(rules.question))
+    if ungrounded:
+        # A model filter skips spans unread: one built from words the question
+        # never says is the model's guess at what matters (ut5: "user=alice
+        # request id=100" for "How many ERROR lines are there?" read 5 of 115).
+        return None, f"{pattern!r} is not grounded in the question: {ungrounded} (reading everything)"
     try:
         found = filter_matches(compiled, source.text)
     except TimeoutError:
@@ -721,6 +733,185 @@ def _check_filter(rules: Plan, value: Any, source: Source) -> tuple[Any, str | N
         # Safety rule: a filter that would skip every span means no filter.
         return None, f"{pattern!r} matches nowhere (reading everything)"
     return pattern, None
+
+
+def _settle_filter(rules: Plan, update: dict[str, Any], rejected: list[str]) -> None:
+    """Drop a model's filter that does not look for every condition of a join.
+
+    A join's conditions may each be met in a different span: a filter that
+    finds only one condition's spans (``refund`` for "a refund record and a
+    shipping record") skips the others' unread and loses entities. Each
+    condition needs an alternative of the filter made only of that
+    condition's own words (those no other condition has).
+    """
+    pattern = update.get("filter")
+    if pattern is None or update.get("kind", rules.kind) != "join":
+        return
+    conditions = update.get("conditions", rules.conditions)
+    problem = _join_filter_problem(pattern, conditions)
+    if problem:
+        update.pop("filter")
+        rejected.append(f"filter: {pattern!r} {problem} (reading everything)")
+
+
+def _join_filter_problem(pattern: str, conditions: tuple[str, ...]) -> str | None:
+    """Why ``pattern`` cannot pre-filter a join over ``conditions``, or None."""
+    branches = _filter_branches(pattern)
+    for index, condition in enumerate(conditions):
+        others = [w for i, c in enumerate(conditions) if i != index for w in _words(c)]
+        own = [w for w in _words(condition) if not _said(w, others)]
+        if not own:
+            return f"cannot be checked: condition {index + 1} {condition!r} has no words of its own"
+        if not any(words and all(_said(w, own) for w in words) for words in branches):
+            return f"does not look for condition {index + 1} ({condition!r}) by its own words"
+    return None
+
+
+_WORD = regex.compile(r"[^\W_]+")
+_REPEAT = regex.compile(r"\{(\d*)(?:,\d*)?\}")
+
+
+def _words(text: str) -> list[str]:
+    return [w.casefold() for w in _WORD.findall(text)]
+
+
+def _said(word: str, words: list[str]) -> bool:
+    """Whether ``word`` is one of ``words``: the same, or for words of four or
+    more letters the same first four letters ("errors" says "error"), as the
+    join conditions are checked against the question."""
+    if len(word) < 4 or not word.isalpha():
+        return word in words
+    return any(len(w) >= 4 and w[:4] == word[:4] for w in words)
+
+
+def _ungrounded(pattern: str, asked: list[str]) -> str | None:
+    """Why a filter is not grounded in the question's words ``asked``, or None.
+
+    Grounded: some top-level alternative of the pattern has literal words and
+    every one of them is said in the question. The whole pattern then matches
+    at least every span that alternative matches, so it skips no more than a
+    filter made of the question's own words would. Parts that are not literal
+    words (classes, anchors, ``\\d``, a letter made optional by ``?``/``*``)
+    are not checked; words inside groups count as required, which errs
+    towards rejecting (reading everything costs calls, never answers).
+    """
+    problems = []
+    for words in _filter_branches(pattern):
+        missing = [w for w in words if not _said(w, asked)]
+        if words and not missing:
+            return None
+        problems.append(f"{missing[0]!r} is not a word of it" if missing else "it has no literal word")
+    return problems[0] if problems else "it has no literal word"
+
+
+def _filter_branches(pattern: str) -> list[list[str]]:
+    """The literal words of each alternative of a regex (casefolded).
+
+    Alternations inside groups are spread out (``\\b(refund|ship)`` has the
+    alternatives ``refund`` and ``ship``; an optional group adds one without
+    it). A light scan, not a full parser: escapes, character classes, counted
+    repeats and group prefixes separate words, a literal character followed
+    by ``?`` or ``*`` is dropped (it may be absent), and past
+    :data:`MAX_FILTER_BRANCHES` alternatives a group's words all count as
+    required (which errs towards rejecting).
+    """
+    branches, _ = _scan_alternatives(pattern, 0)
+    return [_words(branch) for branch in branches]
+
+
+MAX_FILTER_BRANCHES = 64
+
+
+def _scan_alternatives(pattern: str, i: int) -> tuple[list[str], int]:
+    """The alternatives' literal texts from ``i`` to the ``)`` closing the
+    group (or the end), and the index past it."""
+    done: list[str] = []
+    current = [""]
+    literal_last = False
+    while i < len(pattern):
+        char = pattern[i]
+        step, literal = " ", False
+        if char == ")":
+            return done + current, i + 1
+        if char == "|":
+            done, current = done + current, [""]
+            i += 1
+            continue
+        if char == "(":
+            inner, i = _scan_alternatives(pattern, _skip_group_prefix(pattern, i))
+            repeat = _optional_repeat(pattern, i)
+            if repeat:
+                inner, i = [*inner, ""], repeat
+            if len(current) * len(inner) > MAX_FILTER_BRANCHES:
+                inner = [" ".join(inner)]
+            current = [c + alt for c in current for alt in inner]
+            literal_last = False
+            continue
+        if char == "\\":
+            i = _skip_escape(pattern, i)
+        elif char == "[":
+            i = _skip_class(pattern, i)
+        elif _optional_repeat(pattern, i) and literal_last:
+            current, step = [c[:-1] for c in current], ""
+            i = _optional_repeat(pattern, i)
+        elif (repeat := _REPEAT.match(pattern, i)) is not None:
+            i = repeat.end()
+        else:
+            step, literal = (char, True) if char not in ".^$*+?" else (" ", False)
+            i += 1
+        current = [c + step for c in current]
+        literal_last = literal
+
+    return done + current, i
+
+
+def _optional_repeat(pattern: str, i: int) -> int:
+    """Index past a repeat at ``i`` that allows zero times (``?``, ``*``,
+    ``{0,n}``, with a lazy or possessive mark), or 0 when there is none."""
+    found = regex.match(r"(?:[?*]|\{0*(?:,\d*)?\})[?+]?", pattern[i:])
+    return i + found.end() if found else 0
+
+
+def _skip_escape(pattern: str, i: int) -> int:
+    """Index past the escape at ``i`` (``\\d``, ``\\.``, ``\\x41``, ``\\p{L}``, ``\\12``)."""
+    code = pattern[i + 1 : i + 2]
+    i += 2
+    if not code:
+        return i
+    if code.isdigit():
+        while i < len(pattern) and pattern[i].isdigit():
+            i += 1
+    elif i < len(pattern) and pattern[i] == "{" and code in "xuNpPg":
+        close = pattern.find("}", i)
+        i = close + 1 if close > 0 else len(pattern)
+    elif code in "xuU":
+        digits = {"x": 2, "u": 4, "U": 8}[code]
+        while digits and i < len(pattern) and pattern[i] in "0123456789abcdefABCDEF":
+            i, digits = i + 1, digits - 1
+    elif code in "pP" and i < len(pattern):
+        i += 1
+    return i
+
+
+def _skip_class(pattern: str, i: int) -> int:
+    """Index past the character class opening at ``i``."""
+    i += 1
+    if pattern[i : i + 1] == "^":
+        i += 1
+    if pattern[i : i + 1] == "]":
+        i += 1
+    while i < len(pattern) and pattern[i] != "]":
+        i += 2 if pattern[i] == "\\" else 1
+    return i + 1
+
+
+def _skip_group_prefix(pattern: str, i: int) -> int:
+    """Index past ``(`` and any ``?:``, ``?i)``, ``?P<name>``, ``?<=`` ... after it."""
+    i += 1
+    if pattern[i : i + 1] != "?":
+        return i
+    named = regex.match(r"\?(?:P?<(?![=!])\w+>|P=\w+\)|#[^)]*\)|[a-zA-Z-]*[:)]|<?[=!]|[>|])", pattern[i:])
+    return i + (named.end() if named else 1)
 
 
 _FIELD_CHECKS = {
