@@ -154,7 +154,11 @@ async def layer_throughput(
                 "litellm_params": {
                     "model": "openai/fake-model", "api_base": api_base, "api_key": "sk-bench",
                 },
-                "model_info": PRICES_PER_TOKEN,
+                "model_info": {
+                    **PRICES_PER_TOKEN,
+                    "cache_read_input_token_cost": PRICES_PER_TOKEN["input_cost_per_token"],
+                    "cache_creation_input_token_cost": PRICES_PER_TOKEN["input_cost_per_token"],
+                },
             }])
 
             async def call(i: int) -> object:

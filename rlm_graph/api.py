@@ -367,6 +367,7 @@ def build_result(run_id: str, engine: Engine, outcome: Outcome, *, elapsed_s: fl
         status = "partial"
     else:
         status = "done"
+    judged = [node.judge for node in _nodes(outcome) if node.judge is not None]
 
     return Result(
         run_id=run_id,
@@ -381,6 +382,12 @@ def build_result(run_id: str, engine: Engine, outcome: Outcome, *, elapsed_s: fl
         failures=failures,
         tree=_tree(source, outcome),
         plan=engine.plan.model_dump(mode="json"),
+        parts=len(engine.leaf_spans),
+        skipped_parts=sum(
+            engine.leaf_count(node.task) for node in _nodes(outcome) if node.verdict == "skipped"
+        ),
+        judged_parts=len(judged),
+        unjudged_parts=judged.count("judge-unavailable"),
         elapsed_s=round(elapsed_s, 3),
         models={
             role: name for role, name in engine.client.models.items()
@@ -413,7 +420,9 @@ def _configure(config: RunConfig | None, settings: dict[str, Any]) -> RunConfig:
             raise ConfigError(_first_error(exc)) from exc
     if settings:
         try:
-            return config.model_copy(update=RunConfig(**{**config.model_dump(), **settings}).model_dump())
+            checked = RunConfig(**{**config.model_dump(), **settings})
+            # Only the settings given count as set (a plan's ``overridden``).
+            return config.model_copy(update={name: getattr(checked, name) for name in settings})
         except ValueError as exc:
             raise ConfigError(_first_error(exc)) from exc
     return config
@@ -687,6 +696,11 @@ def _answered_any(outcome: Outcome) -> bool:
     if not outcome.children:
         return outcome.status == "done" and outcome.verdict != "skipped"
     return any(_answered_any(child) for child in outcome.children)
+
+
+def _nodes(outcome: Outcome) -> list[Outcome]:
+    """Every outcome of the tree, the root first."""
+    return [outcome, *(node for child in outcome.children for node in _nodes(child))]
 
 
 def _failed_leaves(outcome: Outcome) -> list[Outcome]:

@@ -270,7 +270,8 @@ class Estimate(BaseModel):
     pieces: int
     """Spans read by one leaf call each."""
     skipped: int
-    """Spans the plan's filter skips unread."""
+    """Leaf spans the plan's filter skips unread (``pieces + skipped`` is
+    every leaf span of the cut)."""
     plan_calls: int = 0
     """1 when the root model will plan the run (``planner="model"``), else 0."""
     leaf_calls: int
@@ -323,7 +324,7 @@ def estimate(engine: Engine) -> Estimate:
         task = stack.pop()
         depth = max(depth, task.depth)
         if not engine.passes_filter(task):
-            skipped += 1
+            skipped += engine.leaf_count(task)
             continue
         children = engine.split(task)
         if not children:

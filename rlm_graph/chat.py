@@ -101,7 +101,16 @@ def answer_text(result: Result, *, with_citations: bool = True) -> str:
         body = str(result.answer)
 
     lines = [body]
-    if with_citations and result.found and result.citations:
+    if with_citations and result.found and result.joined:
+        # A join's quotes make sense per entity and condition, not as one list.
+        lines.append("\nSources:")
+        for joined in result.joined:
+            lines.append(f"- {joined.entity}:")
+            lines += [
+                f'    {condition}: line {c.line}: "{_shorten(c.quote)}"'
+                for condition, c in joined.citations.items()
+            ]
+    elif with_citations and result.found and result.citations:
         lines.append("\nSources:")
         lines += [f'- line {c.line}: "{_shorten(c.quote)}"' for c in result.citations]
     if result.status == "partial":

@@ -100,7 +100,8 @@ def main() -> None:
 @click.option("--planner", type=click.Choice(["model", "rules"]),
               help="Who plans: the root model from a preview (default), or rules only.")
 @click.option("--judge-model", help="Judge model: checks each leaf answer that found something against its span (not 'found nothing' answers). Default: no judge.")
-@click.option("--filter", help="Regex: skip parts of the source with no match, unread.")
+@click.option("--filter", help="Regex: skip parts of the source with no match, unread "
+              "('' : no filter, and the model's plan may not add one).")
 @_CONTEXT_WINDOW
 @click.option("--max-output-tokens", type=int, help="Output tokens reserved per call.")
 @click.option("--timeout", "timeout_s", type=float, help="Seconds per model call attempt.")
@@ -110,7 +111,7 @@ def main() -> None:
     "--dry-run", is_flag=True,
     help="Print the plan, pieces, calls, tokens and cost, and stop. With the model "
     "planner this makes the one planning call (recorded in the store, so the run "
-    "reuses it); with --planner rules it calls no model.",
+    "reuses it; not with --store memory); with --planner rules it calls no model.",
 )
 @click.option("--store", "store", envvar="RLM_GRAPH_STORE", help=_STORE_HELP)
 @click.option("--run-id", help="Name the run (letters, digits, '._-'); default: a random id.")
@@ -146,7 +147,9 @@ def run_command(
         if dry_run:
             if engine.config.planner == "model":
                 _await(_plan_once(engine, store))
-            _print_estimate(engine, as_json)
+            from rlm_graph.store import resolve_location
+
+            _print_estimate(engine, as_json, kept_nowhere=resolve_location(store) == "memory")
             return
         progress.start(engine)
 
@@ -353,7 +356,9 @@ def _finish(result: Any, as_json: bool) -> None:
 @click.option("--chunk-tokens", type=int, help="Largest span a leaf call reads, in tokens.")
 @click.option("--concurrency", type=int, help="Most model calls in flight at once.")
 @click.option("--filter", "filter_", help="Pre-filter regex for rlm-graph and the map-reduce (not the direct call).")
-@click.option("--planner", type=click.Choice(["model", "rules"]), help="Who plans rlm-graph's runs (default: model).")
+@click.option("--planner", type=click.Choice(["model", "rules"]),
+              help="Who plans rlm-graph's runs (default: model; rules with --reading-double, "
+              "which cannot plan).")
 @click.option("--chart", metavar="FILE", help="Write a PNG chart here.")
 @click.option("--json", "json_path", metavar="FILE", help="Write every row as JSON here.")
 @click.option("-v", "--verbose", count=True, help="-v: one line per method run.")
@@ -391,6 +396,18 @@ def eval_command(
             if number is not None and number < 1:
                 msg = f"{flag} must be a whole number of at least 1, not {number}."
                 raise ConfigError(msg)
+        if reading_double:
+            # The double answers leaf prompts only: a planning call would be
+            # one wasted call per rlm row ("model plan rejected: empty").
+            planner = planner or "rules"
+            model = "scripted/reader"
+            context_window = context_window or 8192
+        settings: dict[str, Any] = {
+            key: value for key, value in
+            {"chunk_tokens": chunk_tokens, "concurrency": concurrency, "filter": filter_,
+             "planner": planner}.items() if value is not None
+        }
+        config = _eval_config(model, context_window, settings)
         for flag, path in (("--chart", chart), ("--json", json_path)):
             if path:
                 _check_writable(flag, path)
@@ -404,20 +421,12 @@ def eval_command(
             list(families or ["needle"]), parsed_sizes, seed=seed,
             depths=parsed_depths, straddle_tokens=straddle_tokens,
         )
-        settings: dict[str, Any] = {
-            key: value for key, value in
-            {"chunk_tokens": chunk_tokens, "concurrency": concurrency, "filter": filter_,
-             "planner": planner}.items() if value is not None
-        }
         double = None
         if reading_double:
             from rlm_graph.eval.reader import reading_responder
             from rlm_graph.testing import ScriptedModel
 
             double = ScriptedModel(reading_responder(instances)).register()
-            model = "scripted/reader"
-            context_window = context_window or 8192
-        config = _eval_config(model, context_window, settings)
 
         done: list[Row] = []
 
@@ -456,8 +465,12 @@ MAX_EVAL_TOKENS = 10_000_000
 
 
 def _check_writable(flag: str, path: str) -> None:
-    """Refuse an output path that cannot be written, before any work."""
-    import os
+    """Refuse an output path that cannot be written, before any work.
+
+    The file is opened for appending (which leaves an existing file as it
+    is), and removed again if that created it: permission bits alone miss
+    folders such as /proc, read-only mounts and a full disk's quotas.
+    """
     from pathlib import Path
 
     from rlm_graph.errors import ConfigError
@@ -469,10 +482,16 @@ def _check_writable(flag: str, path: str) -> None:
         problem = "is a folder"
     elif not folder.is_dir():
         problem = f"its folder {str(folder)!r} does not exist"
-    elif target.exists() and not os.access(target, os.W_OK):
-        problem = "is not writable"
-    elif not target.exists() and not os.access(folder, os.W_OK | os.X_OK):
-        problem = f"its folder {str(folder)!r} is not writable"
+    else:
+        existed = target.exists()
+        try:
+            with target.open("a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            problem = f"cannot be written ({exc.strerror or exc})"
+        else:
+            if not existed:
+                target.unlink(missing_ok=True)
     if problem:
         msg = f"{flag} {path}: {problem}; give a file path that can be written."
         raise ConfigError(msg)
@@ -540,9 +559,21 @@ def _parse_depths(text: str) -> tuple[float, ...]:
 
 
 def _eval_config(model: str | None, context_window: int | None, settings: dict[str, Any]) -> Any:
-    from rlm_graph.config import RunConfig
+    """The evaluation's run configuration; a bad setting is one ConfigError line."""
+    from pydantic import ValidationError
 
-    return RunConfig(model=model, context_window=context_window, **settings)
+    from rlm_graph.config import RunConfig
+    from rlm_graph.errors import ConfigError
+
+    try:
+        return RunConfig(model=model, context_window=context_window, **settings)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        flag = "--" + ".".join(str(p) for p in first.get("loc", ())).replace("_", "-")
+        message = str(first.get("msg", "")).removeprefix("Value error, ").rstrip(".")
+        said = message if message.startswith(flag) else f"Invalid {flag}: {message}"
+        msg = f"{said}. See 'rlm-graph eval --help'."
+        raise ConfigError(msg) from None
 
 
 def _read_schema(path: str) -> dict[str, Any]:
@@ -742,6 +773,15 @@ class _errors_to_exit_codes:
         sys.exit(EXIT_USAGE if usage else EXIT_MODEL)
 
 
+def _planned(plan: dict[str, Any]) -> str:
+    """A line saying the model's plan changed the announced answer kind."""
+    line = f"the plan ({plan['made_by']}) makes it a {plan['kind']} answer, not {plan['kind_before']}"
+    if plan["kind"] == "join":
+        numbered = "; ".join(f"{i + 1}. {c}" for i, c in enumerate(plan["conditions"]))
+        line += f"; conditions: {numbered} (listed: the {plan['entity'] or 'entities'} meeting all)"
+    return line
+
+
 class _Progress:
     """A live line on stderr: tasks, depth, calls and tokens (rich)."""
 
@@ -752,17 +792,13 @@ class _Progress:
         self.started = self.done = self.calls = self.cached = self.tokens = 0
         self.depth = 0
         self._live: Any = None
+        self._engine: Any = None
         self._t0 = time.monotonic()
+        self.kind: str | None = None
+        """The answer kind the start line announced."""
 
     def start(self, engine: Any) -> None:
-        if engine is not None:
-            plan = engine.plan
-            click.echo(
-                f"rlm-graph: {engine.source.describe()}, {plan.source_tokens:,} tokens; "
-                f"{plan.kind} answer; leaves of up to {plan.leaf_tokens:,} tokens; "
-                f"worker {engine.client.models['worker']}",
-                err=True,
-            )
+        self._engine = engine
         if not self.enabled:
             return
         from rich.console import Console
@@ -788,10 +824,20 @@ class _Progress:
         if event.kind == "run_started":
             self.run_id = event.data["run_id"]
             message = f"rlm-graph: run {self.run_id} (if stopped: {self.resume_hint()})"
-            if self._live is not None:
-                self._live.console.print(message, highlight=False)
-            else:
-                click.echo(message, err=True)
+            self._say(message)
+        elif event.kind == "plan_ready" and self._engine is not None:
+            # Said once the plan is final: the model's plan may change the kind
+            # and the span size the rules chose.
+            engine = self._engine
+            plan = engine.plan
+            self._say(
+                f"rlm-graph: {engine.source.describe()}, {plan.source_tokens:,} tokens; "
+                f"{plan.kind} answer; leaves of up to {plan.leaf_tokens:,} tokens; "
+                f"plan by {plan.made_by.split(' (')[0]}; worker {engine.client.models['worker']}"
+            )
+        elif event.kind == "plan_made" and event.data["kind"] != (self.kind or event.data["kind_before"]):
+            self.kind = event.data["kind"]
+            self._say(f"rlm-graph: {_planned(event.data)}")
         elif event.kind == "task_started":
             self.started += 1
             self.depth = max(self.depth, event.depth)
@@ -803,6 +849,12 @@ class _Progress:
             self.tokens += event.data.get("prompt_tokens", 0) + event.data.get("completion_tokens", 0)
         if self._live is not None:
             self._live.update(self._render())
+
+    def _say(self, message: str) -> None:
+        if self._live is not None:
+            self._live.console.print(message, highlight=False)
+        else:
+            click.echo(message, err=True)
 
     def _render(self) -> Any:
         from rich.text import Text
@@ -868,7 +920,7 @@ async def _plan_once(engine: Any, store: str | None) -> None:
         await engine.plan_with_model()
 
 
-def _print_estimate(engine: Any, as_json: bool) -> None:
+def _print_estimate(engine: Any, as_json: bool, *, kept_nowhere: bool = False) -> None:
     from rlm_graph.budget import estimate
     from rlm_graph.nodes.plan import render_plan
 
@@ -886,10 +938,11 @@ def _print_estimate(engine: Any, as_json: bool) -> None:
             f"{usage.prompt_tokens:,} prompt + {usage.completion_tokens:,} "
             "completion tokens"
         )
-        click.echo(
-            f"planning: 1 call to the root model ({paid}); the run reuses it from "
-            "the store instead of paying again"
+        reuse = (
+            "--store memory keeps nothing, so the run pays for it again"
+            if kept_nowhere else "the run reuses it from the store instead of paying again"
         )
+        click.echo(f"planning: 1 call to the root model ({paid}); {reuse}")
     else:
         click.echo("planning: by rules, no model call")
     click.echo(render_plan(engine.plan))
@@ -899,6 +952,10 @@ def _print_estimate(engine: Any, as_json: bool) -> None:
         else f"up to ${figures.cost_usd:.4f}"
     )
     plan = "1 plan + " if figures.plan_calls else ""
+    skipped = (
+        f"skipped by the plan's filter ({_filter_origin(engine.plan)}): {figures.skipped:,}"
+        if engine.plan.filter else "no filter: every piece is read"
+    )
     merges = (
         f" (+ up to {figures.merge_prompt_tokens:,} in merges)"
         if figures.merge_prompt_tokens
@@ -907,7 +964,7 @@ def _print_estimate(engine: Any, as_json: bool) -> None:
     click.echo(
         f"dry run: {engine.source.describe()}, {engine.plan.source_tokens:,} tokens, "
         f"{engine.plan.kind} answer\n"
-        f"  pieces:     {figures.pieces:,} (skipped by --filter: {figures.skipped:,}; depth {figures.depth})\n"
+        f"  pieces:     {figures.pieces:,} ({skipped}; depth {figures.depth})\n"
         f"  calls:      {figures.calls:,} ({plan}{figures.leaf_calls:,} leaf + "
         f"up to {figures.merge_calls:,} merge)\n"
         f"  tokens:     {figures.prompt_tokens:,} prompt{merges} + up to "
@@ -974,6 +1031,9 @@ def _print_human(result: Any) -> None:
             click.echo(f"  {citation.source}:{citation.line}  \"{quote[:160]}\"")
         if len(result.citations) > 20:
             click.echo(f"  ... and {len(result.citations) - 20} more (see --json)")
+    skipped = _skipped_note(result)
+    if skipped:
+        click.echo(f"({skipped})")
     for failure in result.failures[:10]:
         click.echo(f"warning: part {failure.task_id} of {failure.source} was not answered: {failure.reason}", err=True)
     if result.status == "stopped":
@@ -989,11 +1049,33 @@ def _print_human(result: Any) -> None:
         click.echo(f"note: this answer is {result.status}; {len(result.failures)} part(s) failed.", err=True)
     usage = result.usage
     cost = f"${usage.cost_usd:.4f}" if usage.cost_known else f"${usage.cost_usd:.4f} (some prices unknown)"
+    unjudged = (
+        f" · judge gave no verdict on {result.unjudged_parts} of {result.judged_parts} answers"
+        if result.unjudged_parts else ""
+    )
     click.echo(
-        f"\n[{result.run_id} · {result.status} · {usage.calls} calls"
+        f"\n[{result.run_id} · {result.status}{unjudged} · {usage.calls} calls"
         f"{f' ({usage.cached_calls} cached)' if usage.cached_calls else ''} · "
         f"{usage.prompt_tokens:,} prompt + {usage.completion_tokens:,} completion tokens · "
         f"{cost} · {result.elapsed_s:.1f}s]",
+    )
+
+
+def _filter_origin(plan: Any) -> str:
+    """Who chose a plan's filter, in words: the user's flag or the model."""
+    overridden = plan.get("overridden", ()) if isinstance(plan, dict) else plan.overridden
+    return "given by --filter" if "filter" in overridden else "made by model"
+
+
+def _skipped_note(result: Any) -> str | None:
+    """Says that the plan's filter left parts unread (the answer covers the rest)."""
+    plan = result.plan or {}
+    if not result.skipped_parts or not plan.get("filter"):
+        return None
+    rerun = "; --filter '' reads them all" if "filter" not in plan.get("overridden", ()) else ""
+    return (
+        f"the plan's filter {plan['filter']!r} ({_filter_origin(plan)}) skipped "
+        f"{result.skipped_parts:,} of {result.parts:,} parts unread{rerun}"
     )
 
 

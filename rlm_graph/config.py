@@ -17,6 +17,8 @@ import regex
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rlm_graph.nodes.types import condition_key
+
 __all__ = ["AnswerKind", "RunConfig"]
 
 AnswerKind = Literal["auto", "text", "short", "list", "count", "table", "yesno", "schema", "join"]
@@ -87,7 +89,8 @@ class RunConfig(BaseSettings):
     ``model_json_schema()``); setting it makes the kind ``schema``."""
 
     sub_question: str | None = None
-    """What each piece is asked, instead of the planned sub-question."""
+    """What each piece is asked, instead of the planned sub-question (not
+    empty: leave it unset to let the plan decide)."""
 
     conditions: tuple[str, ...] = ()
     """For the ``join`` kind: the conditions an entity must meet, each of which
@@ -110,7 +113,9 @@ class RunConfig(BaseSettings):
 
     filter: str | None = None
     """Regular expression (case-insensitive): parts of the source with no match are
-    skipped without a model call. Ignored, with a warning, if it matches nowhere."""
+    skipped without a model call. Ignored, with a warning, if it matches nowhere.
+    ``""`` means no filter, and the model's plan may not add one; None lets the
+    plan decide."""
 
     max_output_tokens: int = Field(default=384, ge=16)
     """Output tokens reserved for each model call."""
@@ -164,7 +169,18 @@ class RunConfig(BaseSettings):
             except regex.error as exc:
                 msg = f"--filter {value!r} is not a valid regular expression: {exc}"
                 raise ValueError(msg) from exc
-        return value or None
+        return value
+
+    @field_validator("sub_question")
+    @classmethod
+    def _sub_question_said(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            msg = (
+                "the sub-question is empty; give --sub-question some words, or "
+                "leave it out to let the plan decide"
+            )
+            raise ValueError(msg)
+        return value
 
     @field_validator("conditions")
     @classmethod
@@ -176,7 +192,24 @@ class RunConfig(BaseSettings):
         if any(len(c) > 200 for c in cleaned):
             msg = "a join condition is longer than 200 characters; shorten it"
             raise ValueError(msg)
+        keys = [condition_key(c) for c in cleaned]
+        for index, key in enumerate(keys):
+            if key in keys[:index]:
+                first, condition = cleaned[keys.index(key)], cleaned[index]
+                msg = (
+                    f"the join conditions {first!r} and {condition!r} are the same (they differ "
+                    "at most in case or spacing); give each --condition once"
+                )
+                raise ValueError(msg)
         return cleaned
+
+    @field_validator("entity")
+    @classmethod
+    def _named_entity(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            msg = "--entity is empty; give the plural noun a join answer lists ('users'), or drop it"
+            raise ValueError(msg)
+        return " ".join(value.split()) if value is not None else None
 
     @field_validator("answer_schema")
     @classmethod
@@ -196,7 +229,7 @@ class RunConfig(BaseSettings):
         _check_refs(value)
         return value
 
-    @field_validator("model", "worker_model", "judge_model", "api_base", "entity")
+    @field_validator("model", "worker_model", "judge_model", "api_base")
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():

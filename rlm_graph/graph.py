@@ -27,7 +27,7 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
 
 from rlm_graph.models import Role
-from rlm_graph.nodes.delegate import SIZE_VERDICTS, CallResult, Decision, Engine
+from rlm_graph.nodes.delegate import SIZE_VERDICTS, CallResult, Decision, Engine, Event
 from rlm_graph.nodes.types import Outcome, Plan, Task
 
 __all__ = ["RunState", "build_graph", "outcome_of", "pack_outcome", "unpack_outcome"]
@@ -101,6 +101,7 @@ def build_graph(engine: Engine, checkpointer: Any = None) -> CompiledStateGraph:
 
     async def plan(state: RunState) -> dict[str, Any]:
         await engine.plan_with_model()
+        engine.emit(Event("plan_ready", data={"made_by": engine.plan.made_by}))
         root = Task(
             id="0", start=0, end=len(engine.source.text), depth=0,
             question=engine.plan.question, tokens=engine.plan.source_tokens,

@@ -143,7 +143,17 @@ class Result(_Record):
     tree: TaskNode | None = None
     plan: dict[str, Any] | None = None
     """The plan the run followed: kind, sub-question, span sizes, filter, and who
-    made it (``made_by``)."""
+    made it (``made_by``; a ``filter`` in ``overridden`` is the user's)."""
+    parts: int = 0
+    """Leaf spans the plan cut the source into."""
+    skipped_parts: int = 0
+    """Of ``parts``, those the plan's filter skipped unread: the answer says
+    nothing about them. 0 without a filter."""
+    judged_parts: int = 0
+    """Answers the judge model was asked to check (0 without a judge)."""
+    unjudged_parts: int = 0
+    """Of ``judged_parts``, answers the judge gave no verdict on, even when asked
+    again: they are kept unchecked (the status does not change)."""
     elapsed_s: float = 0.0
     stop_reason: str | None = None
     """Which budget stopped the run, when ``status`` is stopped."""

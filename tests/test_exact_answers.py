@@ -155,7 +155,11 @@ async def test_user_filter_that_backtracks_is_refused(scripted, monkeypatch):
 async def test_model_filter_that_backtracks_is_dropped_with_the_reason(scripted, monkeypatch):
     monkeypatch.setattr("rlm_graph.filtering.FILTER_SECONDS", 0.2)
     text = "aaaa word " * 400 + "\nThe secret code word is HELIOTROPE.\n"
-    plan = {"kind": "text", "sub_question": "What is the secret code word?", "chunk_tokens": 0, "filter": BACKTRACKS}
+    # "secret|..." is grounded in the question, so the search is what rejects it.
+    plan = {
+        "kind": "text", "sub_question": "What is the secret code word?", "chunk_tokens": 0,
+        "filter": f"secret code:|{BACKTRACKS}",
+    }
 
     def respond(request: ModelRequest) -> str:
         if "Preview of the source" in request.prompt:
@@ -173,8 +177,11 @@ async def test_model_filter_that_backtracks_is_dropped_with_the_reason(scripted,
 
 
 async def test_model_filter_that_matches_only_file_headers_is_dropped(scripted, tmp_path):
-    (tmp_path / "story.txt").write_text(numbered_paragraphs(8, needle_at={5: "The secret code word is OPAL."}))
-    plan = {"kind": "text", "sub_question": "What is the secret code word?", "chunk_tokens": 0, "filter": r"story\.txt"}
+    # The file's name holds the question's words (so the filter is grounded);
+    # its text says "secret code word" with spaces, never with underscores.
+    story = tmp_path / "secret_code_word"
+    story.write_text(numbered_paragraphs(8, needle_at={5: "The secret code word is OPAL."}))
+    plan = {"kind": "text", "sub_question": "What is the secret code word?", "chunk_tokens": 0, "filter": "secret_code_word"}
 
     def respond(request: ModelRequest) -> str:
         if "Preview of the source" in request.prompt:
@@ -185,7 +192,7 @@ async def test_model_filter_that_matches_only_file_headers_is_dropped(scripted, 
         return json.dumps({"relevant": True, "quote": found[0], "answer": found[1]})
 
     scripted(respond)
-    result = await arun("What is the secret code word?", [tmp_path / "story.txt"], planner="model", **SETTINGS)
+    result = await arun("What is the secret code word?", [story], planner="model", **SETTINGS)
 
     assert result.answer == "OPAL"
     assert result.plan["filter"] is None and "matches nowhere" in result.plan["made_by"]

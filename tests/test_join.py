@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from rlm_graph import ConfigError, arun
+from rlm_graph.chat import answer_text
 from rlm_graph.cli import main
 from rlm_graph.config import RunConfig
 from rlm_graph.models import Completion
@@ -20,7 +21,12 @@ from rlm_graph.nodes.plan import (
     make_plan,
     render_plan,
 )
-from rlm_graph.nodes.prompts import leaf_messages, schema_for
+from rlm_graph.nodes.prompts import (
+    JOIN_MAX_MATCHES,
+    LIST_MAX_ITEMS,
+    leaf_messages,
+    schema_for,
+)
 from rlm_graph.nodes.types import Answer, Evidence, Match, Task
 from rlm_graph.nodes.verify import verify_leaf
 from rlm_graph.source import source_from_text
@@ -159,9 +165,9 @@ def test_model_plan_may_make_a_list_a_join_with_its_conditions():
     assert rules.kind == "list"
 
     joined = apply_model_plan(rules, {
-        "kind": "join", "conditions": ["has a refund record", "asked about shipping"], "entity": "users",
+        "kind": "join", "conditions": ["has a refund", "asked about shipping"], "entity": "users",
     }, source)
-    assert joined.kind == "join" and joined.conditions == ("has a refund record", "asked about shipping")
+    assert joined.kind == "join" and joined.conditions == ("has a refund", "asked about shipping")
     assert joined.entity == "users" and joined.made_by == "model"
 
     bare = apply_model_plan(rules, {"kind": "join", "conditions": ["only one"]}, source)
@@ -170,7 +176,7 @@ def test_model_plan_may_make_a_list_a_join_with_its_conditions():
 
     made_up = apply_model_plan(rules, {"kind": "join", "conditions": ["is blue", "has wheels"]}, source)
     assert made_up.kind == "list" and made_up.conditions == ()
-    assert "'is blue' shares no word with the question" in made_up.made_by
+    assert "'is blue' says 'blue', which the question does not" in made_up.made_by
 
 
 def test_model_cannot_turn_a_worded_join_into_a_list():
@@ -484,3 +490,293 @@ async def test_flat_merge_joins_only_the_partials_its_window_holds(scripted):
     assert 0.5 < by["mapreduce"].score < 1.0
     assert set(by["mapreduce"].run.answer) < set(task.expected), "what it joins is right, but not all"
     assert by["direct"].score < by["mapreduce"].score
+
+
+# -- user-test findings: a full reply, planner wording, spelling, sources ---------
+
+
+def _dense_records(users: int) -> str:
+    """Every user has a refund and a shipping record, refunds first."""
+    refunds = [f"Record {n:03d} | user U{n} | label: refund | wants the money back" for n in range(1, users + 1)]
+    shipping = [f"Record {users + n:03d} | user U{n} | label: shipping | parcel sent" for n in range(1, users + 1)]
+    return "\n".join(refunds + shipping) + "\n"
+
+
+DENSE_RECORD = re.compile(r"Record \d+ \| user (U\d+) \| label: (\w+) \|[^\n]*")
+
+
+def capped_reader(request: ModelRequest) -> str:
+    """Answers a join leaf truthfully, but stops at the schema's cap of matches,
+    as a model held to the schema does."""
+    excerpt = excerpt_of(request)
+    assert excerpt is not None
+    asked = re.findall(r"^(\d+)\. have an? (\w+) record$", request.prompt.split(">>>")[-1], re.MULTILINE)
+    matches = [
+        {"entity": m.group(1), "condition": int(number), "quote": m.group(0)}
+        for number, label in asked
+        for m in DENSE_RECORD.finditer(excerpt)
+        if m.group(2) == label
+    ]
+    return json.dumps({"matches": matches[:JOIN_MAX_MATCHES]})
+
+
+DENSE = {"model": "scripted/m", "context_window": 16384, "chunk_tokens": 6000, "overlap_tokens": 24}
+
+
+async def test_a_reply_at_the_cap_of_matches_is_split_not_taken_as_complete(scripted):
+    text = _dense_records(60)  # 120 matches in one span; the reply can hold 80
+    double = scripted(capped_reader)
+
+    result = await arun(QUESTION, text=text, planner="rules", **DENSE)
+
+    assert result.status == "done" and not result.failures
+    assert result.answer == [f"U{n}" for n in range(1, 61)]
+    assert len(double.requests) >= 3, "the full reply's span was split and read again in parts"
+
+
+async def test_a_full_reply_whose_span_cannot_be_split_is_a_failure(scripted):
+    scripted(capped_reader)
+    settings = {**DENSE, "context_window": 32768, "chunk_tokens": 12000, "max_depth": 1}
+
+    # 400 matches: the halves at the deepest level allowed still hold 200 each.
+    result = await arun(QUESTION, text=_dense_records(200), planner="rules", **settings)
+
+    assert result.status == "partial", "never done: some of what the full replies held was cut"
+    assert result.failures
+    assert all("the most one reply may hold" in failure.reason for failure in result.failures)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reply_data"),
+    [
+        ("list", {"items": [{"item": f"U{n}", "quote": f"user U{n} "} for n in range(LIST_MAX_ITEMS)]}),
+        ("count", {"count": LIST_MAX_ITEMS, "quotes": ["label: refund"] * LIST_MAX_ITEMS}),
+        ("table", {"rows": [{"label": f"l{n}", "count": 0, "quotes": []} for n in range(LIST_MAX_ITEMS)]}),
+        ("table", {"rows": [{"label": "refund", "count": 40, "quotes": ["label: refund"] * LIST_MAX_ITEMS}]}),
+        ("schema", {"records": [{"user": f"U{n}", "quote": "label: refund"} for n in range(LIST_MAX_ITEMS)]}),
+    ],
+)
+def test_every_kind_treats_a_reply_at_its_cap_as_possibly_cut_short(kind, reply_data):
+    text = _dense_records(LIST_MAX_ITEMS)
+    task = Task(id="0.1", start=0, end=len(text), depth=1, question="Which users?", tokens=30)
+    record_schema = {"type": "object", "properties": {"user": {"type": "string"}}}
+
+    verdict = verify_leaf(text, task, kind, reply(reply_data), record_schema)
+
+    assert not verdict.ok and verdict.code == "too-many"
+
+
+def test_a_join_reply_at_the_cap_is_rejected_and_one_under_or_over_it_is_not():
+    text = _dense_records(60)
+    task = Task(id="0.1", start=0, end=len(text), depth=1, question=QUESTION, tokens=30)
+    lines = list(DENSE_RECORD.finditer(text))
+
+    def matches(size: int) -> dict:
+        return {"matches": [
+            {"entity": m.group(1), "condition": 1 if m.group(2) == "refund" else 2, "quote": m.group(0)}
+            for m in lines[:size]
+        ]}
+
+    at_cap = verify_leaf(text, task, "join", reply(matches(JOIN_MAX_MATCHES)), conditions=2)
+    under = verify_leaf(text, task, "join", reply(matches(JOIN_MAX_MATCHES - 1)), conditions=2)
+    over = verify_leaf(text, task, "join", reply(matches(JOIN_MAX_MATCHES + 1)), conditions=2)
+
+    assert not at_cap.ok and at_cap.code == "too-many"
+    assert "held 80 matches" in at_cap.feedback
+    assert under.ok and over.ok, "a reply past the cap was not held to it, so the cap did not cut it"
+
+
+def test_model_plan_conditions_must_be_the_questions_own():
+    source = source_from_text(RECORDS)
+    rules = _plan("List the users who have a refund record.")
+    assert rules.kind == "list"
+
+    invented = apply_model_plan(rules, {
+        "kind": "join", "conditions": ["have a refund record", "have a shipping record"], "entity": "users",
+    }, source)
+    assert invented.kind == "list" and invented.conditions == ()
+    assert "'have a shipping record' says 'shipping', which the question does not" in invented.made_by
+
+    twice = apply_model_plan(_plan("List the users who have a refund record and a shipping record."), {
+        "kind": "join", "conditions": ["have a refund record", "Have a  REFUND record"],
+    }, source)
+    assert twice.kind == "list" and "'have a refund record' is given twice" in twice.made_by
+
+    endings = apply_model_plan(_plan("List the users who were refunded and whose parcels shipped."), {
+        "kind": "join", "conditions": ["got a refund", "had a parcel shipped"],
+    }, source)
+    assert endings.kind == "list", "'got' is not the question's"
+    read = apply_model_plan(_plan("List the users who were refunded and whose parcels shipped."), {
+        "kind": "join", "conditions": ["were refunded", "have parcels shipped"],
+    }, source)
+    assert read.kind == "join" and read.conditions == ("were refunded", "have parcels shipped")
+
+
+@pytest.mark.parametrize("given", [("has a refund", "has a refund"), ("has a refund", "Has a  REFUND.")])
+def test_the_same_condition_twice_is_refused_in_one_line(given, tmp_path):
+    with pytest.raises(ValueError, match="are the same"):
+        RunConfig(**SETTINGS, conditions=given)
+
+    out = _run_cli(tmp_path, "-q", QUESTION, "--condition", given[0], "--condition", given[1], "--dry-run")
+
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    assert len(out.stderr.strip().splitlines()) == 1 and "give each --condition once" in out.stderr
+
+
+def test_cli_says_join_when_the_model_plan_makes_a_list_a_join(scripted, tmp_path):
+    def planner_and_reader(request: ModelRequest) -> str:
+        if "You plan how to read" in request.prompt:
+            return json.dumps({
+                "kind": "join", "sub_question": "", "chunk_tokens": 0, "filter": "",
+                "conditions": list(CONDITIONS), "entity": "users",
+            })
+        return join_reader(request)
+
+    scripted(planner_and_reader)
+    source = tmp_path / "records.txt"
+    source.write_text(RECORDS)
+
+    out = CliRunner().invoke(main, [
+        "run", str(source), "--model", "scripted/m", "--context-window", "4096", "--chunk-tokens", "120",
+        "--planner", "model", "-q", "List the users who have a refund record and a shipping record.",
+    ])
+
+    assert out.exit_code == 0, out.output
+    assert "; list answer;" in out.stderr, "the rules' plan is announced first"
+    assert "makes it a join answer, not list; conditions: 1. have a refund record" in out.stderr
+    assert out.stdout.splitlines()[0] == "- U0001"
+
+
+@pytest.mark.parametrize(
+    ("question", "kind"),
+    [
+        ("Find the number of users who have both a refund record and a shipping record.", "count"),
+        ("Identify the number of users with both a refund record and a shipping record.", "count"),
+        ("Determine how many users have both a refund and a shipping record.", "count"),
+        ("Show me the number of users who have a refund record and also a shipping record.", "count"),
+        ("Find out whether there is a user who has both a refund record and a shipping record.", "yesno"),
+        ("Tell me whether any user has both a refund record and a shipping record.", "yesno"),
+        ("List the users who have both a refund record and a shipping record, if there are any.", "yesno"),
+        ("Find the number of errors.", "count"),
+        ("Check if the server restarted.", "yesno"),
+        ("If the door was locked, who had the key?", "text"),
+    ],
+)
+def test_a_count_or_yes_no_cue_anywhere_wins_over_the_join_shape(question, kind):
+    assert guess_kind(question) == kind
+
+
+@pytest.mark.parametrize(
+    ("question", "conditions"),
+    [
+        ("List the books that both Alice and Bob read.", ("Alice read", "Bob read")),
+        ("List the reports that both IT and HR approved.", ("IT approved", "HR approved")),
+        (
+            "List the users who have both a refund record and a shipping record and a complaint.",
+            ("have a refund record", "have a shipping record", "have a complaint"),
+        ),
+        (
+            "List the users who have both a refund record, a shipping record and a complaint.",
+            ("have a refund record", "have a shipping record", "have a complaint"),
+        ),
+        ("List the users who have both a refund record and also a shipping record.", CONDITIONS),
+        ("List the users who have both a refund record and a shipping record, sorted by id.", CONDITIONS),
+        ("List the users who have both a refund record and a shipping record in alphabetical order.", CONDITIONS),
+        ("List the users who both logged in and paid an invoice.", ("logged in", "paid an invoice")),
+        (
+            "List the users who have both a refund and an item ordered by phone.",
+            ("have a refund", "have an item ordered by phone"),
+        ),
+    ],
+)
+def test_planner_reads_harder_join_wordings(question, conditions):
+    assert guess_kind(question) == "join"
+    assert join_parts(question)[1] == conditions
+
+
+@pytest.mark.parametrize(
+    ("question", "kind"),
+    [
+        ("List the errors that occurred in both January and February and their causes.", "list"),
+        ("List the errors that occurred in both January and February, and their causes.", "list"),
+        ("List the users who both posted and commented on the blog.", "list"),
+        ("List the users who have both a refund record and a refund record.", "list"),
+        ("List the users who have both a Refund  record and a refund record.", "list"),
+        ("List the users who have both a, b, c, d, e, f and g.", "list"),
+        ("Which users have both a refund record and a shipping record, with their totals?", "text"),
+    ],
+)
+def test_planner_does_not_guess_a_join_it_cannot_read(question, kind):
+    assert join_parts(question) is None
+    assert guess_kind(question) == kind
+
+
+@pytest.mark.parametrize(
+    ("question", "entity", "conditions"),
+    [
+        ("Which of the users have both a refund record and a shipping record?", "users", CONDITIONS),
+        ("Which of these users have both a refund record and a shipping record?", "users", CONDITIONS),
+        ("List users having both a refund record and a shipping record.", "users", CONDITIONS),
+        ("Which users who have a refund record also have a shipping record?", "users", CONDITIONS),
+        (
+            "List the users with a refund record who also have a shipping record.",
+            "users", ("with a refund record", "have a shipping record"),
+        ),
+        (
+            "Which users with a refund record also have a shipping record?",
+            "users", ("with a refund record", "have a shipping record"),
+        ),
+    ],
+)
+def test_planner_reads_more_join_wordings(question, entity, conditions):
+    assert guess_kind(question) == "join"
+    assert join_parts(question) == (entity, conditions)
+
+
+def test_verify_spells_the_entity_as_the_source_does():
+    data = {"matches": [
+        {"entity": "u0003", "condition": 1, "quote": line_of("U0003", "refund")},
+        {"entity": "U 0003", "condition": 2, "quote": line_of("U0003", "shipping")},
+    ]}
+
+    verdict = verify_leaf(RECORDS, whole(), "join", reply(data), conditions=2)
+
+    assert verdict.ok, verdict.feedback
+    assert verdict.answer.value == ["U0003"]
+    assert {m.entity for m in verdict.answer.matches} == {"U0003"}
+
+
+def test_entities_are_sorted_with_their_numbers_in_order():
+    names = ["U15", "u9", "U1", "U3", "U 6", "U10"]
+    parts = [Answer(kind="join", found=True, matches=tuple(
+        m for i, name in enumerate(names) for m in (match(name, 0, 100 * i, 100 * i + 9),
+                                                     match(name, 1, 1000 + 100 * i, 1000 + 100 * i + 9))
+    ))]
+
+    assert merge_join(parts, 2).value == ["U1", "U3", "U 6", "u9", "U10", "U15"]
+
+
+def test_entity_must_name_something_and_needs_a_join(tmp_path):
+    with pytest.raises(ValueError, match="--entity is empty"):
+        RunConfig(**SETTINGS, entity="  ")
+    with pytest.raises(ConfigError, match=r"planned as a 'list' answer\. Add --kind join"):
+        _plan("List every user.", entity="users")
+
+    out = _run_cli(tmp_path, "-q", "List every user.", "--entity", "users", "--dry-run")
+    assert out.exit_code == 2 and "Add --kind join" in out.stderr
+    out = _run_cli(tmp_path, "-q", QUESTION, "--entity", "", "--dry-run")
+    assert out.exit_code == 2 and "--entity is empty" in out.stderr
+
+
+async def test_chat_sources_of_a_join_are_grouped_by_entity_and_condition(scripted):
+    scripted(join_reader)
+    result = await arun(QUESTION, text=RECORDS, planner="rules", **SETTINGS)
+
+    text = answer_text(result)
+
+    sources = text.split("Sources:\n", 1)[1].splitlines()
+    assert sources[0] == "- U0001:"
+    assert sources[1] == f'    have a refund record: line 1: "{line_of("U0001", "refund")}"'
+    assert sources[2] == f'    have a shipping record: line 42: "{line_of("U0001", "shipping")}"'
+    assert sources[3] == "- U0003:"
+    assert sources[4].startswith("    have a refund record: line 41:")

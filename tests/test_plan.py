@@ -103,9 +103,18 @@ async def test_model_plan_with_a_filter_skips_spans_unread(scripted):
                 "kind": "text",
                 "sub_question": "",
                 "chunk_tokens": 0,
-                "filter": "zzz+qqq",
+                "filter": "secret codeword",
             },
             "matches nowhere",
+        ),
+        (
+            {
+                "kind": "text",
+                "sub_question": "",
+                "chunk_tokens": 0,
+                "filter": "Paragraph 41",
+            },
+            "'paragraph' is not a word of it",
         ),
         (
             {"kind": "text", "sub_question": "", "chunk_tokens": 0, "filter": "(["},
@@ -176,10 +185,12 @@ def test_flags_win_over_the_model():
         and plan.sub_question == "List the codes."
     )
     assert plan.leaf_tokens == 100  # the chunk size was not set by a flag
-    assert set(plan.overridden) == {"filter", "kind", "sub_question"}
+    # SETTINGS gives --overlap-tokens: a flag too.
+    assert set(plan.overridden) == {"filter", "kind", "sub_question", "overlap_tokens"}
     shown = render_plan(plan)
     assert (
-        "set by flags: kind, sub_question, filter" in shown and "Paragraph 4" in shown
+        "set by flags: kind, sub_question, overlap_tokens, filter" in shown
+        and "Paragraph 4" in shown
     )
 
 

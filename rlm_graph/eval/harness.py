@@ -47,9 +47,15 @@ class Row(BaseModel):
     run: MethodRun
 
     @property
+    def at_reference_prices(self) -> bool:
+        """Whether :attr:`reference_cost_usd` uses the reference prices (the
+        model had no price, or cost nothing)."""
+        return not self.run.cost_usd
+
+    @property
     def reference_cost_usd(self) -> float:
         """The run's cost at :data:`REFERENCE_PRICES_USD_PER_M` when it has none."""
-        if self.run.cost_usd:
+        if not self.at_reference_prices:
             return self.run.cost_usd
         price_in, price_out = REFERENCE_PRICES_USD_PER_M
         return (
@@ -143,7 +149,11 @@ def instance_source(instance: Instance) -> Source:
 
 def format_table(rows: Sequence[Row]) -> str:
     """A Markdown table: accuracy, calls, tokens, cost and time per family, size
-    and method (means over instances)."""
+    and method (means over instances).
+
+    A cost computed at the reference prices (the model had none) is marked
+    ``*``, and a line under the table says so.
+    """
     groups: dict[tuple[str, int, str], list[Row]] = {}
     for row in rows:
         groups.setdefault((row.family, row.tokens, row.method), []).append(row)
@@ -158,8 +168,15 @@ def format_table(rows: Sequence[Row]) -> str:
             f"| {sum(r.score for r in group) / n:.2f} "
             f"| {sum(r.run.calls for r in group) / n:.0f} "
             f"| {sum(r.run.prompt_tokens + r.run.completion_tokens for r in group) / n:,.0f} "
-            f"| {sum(r.reference_cost_usd for r in group) / n:.4f} "
+            f"| {sum(r.reference_cost_usd for r in group) / n:.4f}"
+            f"{'*' if any(r.at_reference_prices for r in group) else ''} "
             f"| {sum(r.run.elapsed_s for r in group) / n:.1f} |"
+        )
+    if any(row.at_reference_prices for row in rows):
+        price_in, price_out = REFERENCE_PRICES_USD_PER_M
+        lines.append(
+            f"\n\\* cost at gpt-4o-mini reference prices (${price_in:.2f} in, "
+            f"${price_out:.2f} out per 1M tokens): the model has no price."
         )
     return "\n".join(lines)
 

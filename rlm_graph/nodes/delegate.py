@@ -73,7 +73,12 @@ _META_ANSWER = re.compile(
 class Event:
     """Progress of a run, for displays and logs."""
 
-    kind: Literal["run_started", "task_started", "task_done", "call_done"]
+    kind: Literal[
+        "run_started", "plan_made", "plan_ready", "task_started", "task_done", "call_done"
+    ]
+    """``plan_made`` comes after the model's planning call (its data: the kind
+    before and after, conditions); ``plan_ready`` once the plan the run follows
+    is final (with or without a planning call); its data holds ``made_by``."""
     task_id: str = ""
     depth: int = 0
     data: dict[str, Any] = field(default_factory=dict)
@@ -204,7 +209,12 @@ class Engine:
         logger.info("plan made by %s: kind %s, leaves of %d tokens, filter %r%s",
                     plan.made_by, plan.kind, plan.leaf_tokens, plan.filter,
                     f", conditions {list(plan.conditions)}" if plan.kind == "join" else "")
+        before = self.plan.kind
         self.adopt_plan(plan)
+        self.emit(Event("plan_made", data={
+            "made_by": plan.made_by, "kind": plan.kind, "kind_before": before,
+            "conditions": list(plan.conditions), "entity": plan.entity,
+        }))
 
         return plan
 
@@ -313,6 +323,12 @@ class Engine:
             )
             self._filter = None
             return True
+
+    def leaf_count(self, task: Task) -> int:
+        """How many leaf spans of the plan's cut a task covers (0 for a piece of
+        one leaf, cut finer after a failure)."""
+        group = self._group_of(task)
+        return group.size if group is not None else 0
 
     def can_split_finer(self, task: Task, verdict: str = "context-window") -> bool:
         """Whether a failing leaf may still be cut into smaller pieces.
@@ -433,8 +449,9 @@ class Engine:
         Runs only when a judge model is configured and the answer found
         something. A rejected answer is asked again with the judge's reason
         (while re-asks are left), then split finer, as for any failed check. A
-        judge call that fails or says nothing usable leaves the answer as it is
-        (verdict ``judge-unavailable``).
+        judge reply with no verdict is asked once more with the reason; a judge
+        call that fails, or gives no verdict twice, leaves the answer as it is
+        (judge ``judge-unavailable``; the result counts them in ``unjudged_parts``).
         """
         answer = decision.answer
         if not self.config.judge_model or decision.action != "accept" or not (answer and answer.found):
@@ -450,10 +467,9 @@ class Engine:
                 for m in answer.matches
             ]
         messages = judge_messages(task.question, span, json.dumps(shown, ensure_ascii=False))
-        result = await self.call("judge", messages, 128, JUDGE_SCHEMA)
-        data = parse_json_reply(result.completion.text) if result.completion else None
-        if not isinstance(data, dict) or not isinstance(data.get("supported"), bool):
-            logger.warning("task %s: the judge gave no verdict; answer kept unjudged", task.id)
+        data = await self._judge_verdict(task, messages)
+        if data is None:
+            logger.info("task %s: the judge gave no verdict; answer kept unjudged", task.id)
             return replace(decision, judge="judge-unavailable")
         reason = " ".join(str(data.get("reason") or "").split())[:300]
         if data["supported"]:
@@ -465,6 +481,32 @@ class Engine:
             return Decision("retry", verdict="judge-rejected", feedback=feedback,
                             max_tokens=self.plan.output_tokens, judge=verdict)
         return replace(self._split_or_fail(task, "judge-rejected", verdict), judge=verdict)
+
+    async def _judge_verdict(self, task: Task, messages: list[dict[str, str]]) -> dict[str, Any] | None:
+        """The judge's reply as ``{"supported": bool, ...}``, or None when it
+        gives none. A reply without a verdict is asked once more, with why."""
+        for asked in range(2):
+            result = await self.call("judge", messages, 128, JUDGE_SCHEMA)
+            if result.completion is None:
+                return None  # the call failed or a budget stopped it: nothing to re-ask
+            data = parse_json_reply(result.completion.text)
+            if isinstance(data, dict) and isinstance(data.get("supported"), bool):
+                return data
+            if asked:
+                break
+            why = "it is not a JSON object" if not isinstance(data, dict) else (
+                '"supported" is not true or false'
+            )
+            logger.info("task %s: the judge's reply gave no verdict (%s); asking again", task.id, why)
+            messages = [
+                *messages,
+                {"role": "assistant", "content": result.completion.text[:2000]},
+                {"role": "user", "content": (
+                    f"Your reply gave no verdict: {why}. Reply with JSON only: "
+                    '{"supported": true or false, "reason": "<why>"}.'
+                )},
+            ]
+        return None
 
     def _split_or_fail(self, task: Task, verdict: str, reason: str) -> Decision:
         if self.can_split_finer(task, verdict):

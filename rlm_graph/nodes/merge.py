@@ -34,6 +34,7 @@ __all__ = [
     "merge_records",
     "merge_table",
     "merge_yesno",
+    "natural_key",
     "usable_answers",
 ]
 
@@ -129,7 +130,7 @@ def join_matches(matches: Iterable[Match], conditions: int) -> Answer:
     (the same place) is then kept once by construction. Entities meeting only
     some conditions stay in ``matches``, so a parent can join them with what
     its other children found. ``items`` are the entities meeting all
-    ``conditions``, sorted by name; each carries its first condition's quote,
+    ``conditions``, sorted by name with numbers in order (U2 before U10); each carries its first condition's quote,
     and ``evidence`` holds every kept entity's quotes.
     """
     first: dict[tuple[str, int], Match] = {}
@@ -142,7 +143,7 @@ def join_matches(matches: Iterable[Match], conditions: int) -> Answer:
     wanted = set(range(conditions))
     joined = sorted(
         (group for group in by_entity.values() if wanted and {m.condition for m in group} >= wanted),
-        key=lambda group: (entity_key(group[0].entity), group[0].entity),
+        key=lambda group: (natural_key(group[0].entity), group[0].entity),
     )
     items = tuple(
         Item(text=group[0].entity, evidence=min(group, key=lambda m: m.condition).evidence)
@@ -151,6 +152,12 @@ def join_matches(matches: Iterable[Match], conditions: int) -> Answer:
     quotes = (m.evidence for group in joined for m in group)
     evidence = tuple(sorted(quotes, key=lambda e: (e.start, e.end)))
     return Answer(kind="join", found=bool(kept), items=items, matches=kept, evidence=evidence)
+
+
+def natural_key(name: str) -> list[str | int]:
+    """A sort key that orders the numbers inside names by value: "U2" < "U10"."""
+    parts = re.split(r"(\d+)", entity_key(name))
+    return [int(part) if index % 2 else part for index, part in enumerate(parts)]
 
 
 def merge_join(answers: list[Answer], conditions: int) -> Answer:

@@ -21,6 +21,7 @@ Flags win over both: a field the user set is never changed by the model.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -32,7 +33,7 @@ from rlm_graph.config import RunConfig
 from rlm_graph.errors import ConfigError
 from rlm_graph.filtering import FILTER_SECONDS, compile_filter, filter_matches
 from rlm_graph.nodes.prompts import MAX_CONDITIONS, leaf_messages, schema_for
-from rlm_graph.nodes.types import Kind, Plan, Task
+from rlm_graph.nodes.types import Kind, Plan, Task, condition_key
 from rlm_graph.source import Source
 from rlm_graph.tokens import TokenCounter
 
@@ -91,25 +92,75 @@ _TABLE = re.compile(
     r"\bwhich\b.*\b(more|most|less|least|fewer|fewest)\b.*\b(common|often|frequent)",
     re.I,
 )
-_YESNO = re.compile(
-    r"^\s*(is|are|was|were|does|do|did|has|have|had|can|could|will|would|should)\b", re.I
+_ASKING = (
+    r"(?:please\s+)?(?:find|identify|determine|tell me|give me|show me|report|state|"
+    r"work out|figure out|compute|calculate|check|say)(?:\s+out)?\s+"
 )
-_COUNT = re.compile(r"^\s*(how many|how often|count|what is the number of|number of)\b", re.I)
+"""An imperative that may come before a count or yes/no question ("Find out
+whether ...", "Identify the number of ...")."""
+_YESNO = re.compile(
+    r"^\s*(is|are|was|were|does|do|did|has|have|had|can|could|will|would|should)\b|"
+    rf"^\s*{_ASKING}(whether|if)\b",
+    re.I,
+)
+_COUNT = re.compile(
+    r"^\s*(how many|how often|count|what is the number of|number of)\b|"
+    rf"^\s*{_ASKING}(the (total )?number of|how many|how often)\b",
+    re.I,
+)
 _LIST = re.compile(
     r"^\s*(list|enumerate|name (all|every|each)|which (\w+ )*(are|were)|"
     r"what are (all )?the|give (me )?(all|every))\b",
     re.I,
 )
-
-
-# The join shapes: "<entities> who/that/which/with <rest>" or "which <entities> <rest>",
-# where <rest> is "[verb] both A and B" or "A and also B" ("as well as").
-_JOIN_SUBJECT = re.compile(
-    r"\b(?P<entity>[A-Za-z][\w-]*)\s+(?P<link>who|that|which|with)\s+(?P<rest>.+)$", re.I
+_COUNT_CUE = re.compile(
+    r"\b(how many|how often|the (total )?number of|count (of|the|all|how))\b", re.I
 )
-_JOIN_WHICH = re.compile(r"^\s*(?:which|what)\s+(?P<entity>[A-Za-z][\w-]*)\s+(?P<rest>.+)$", re.I)
-_BOTH = re.compile(r"^(?P<verb>(?:[\w'-]+\s+){0,3}?)both\s+(?P<a>.+?)\s+and\s+(?P<b>.+)$", re.I)
-_ALSO = re.compile(r"^(?P<a>.+?)\s*,?\s+(?:and also|and additionally|as well as)\s+(?P<b>.+)$", re.I)
+_YESNO_CUE = re.compile(
+    r"\b(whether|is there|are there|was there|were there|if (there|any))\b", re.I
+)
+"""Count and yes/no cues anywhere in a question: they win over a join's shape
+("Find the number of users who have both ...")."""
+
+
+# The join shapes: "<entities> who/that/which/with/having <rest>" or "which
+# [of the] <entities> <rest>", where <rest> is "[verb] both A and B [and C ...]"
+# or "A [and] also B" ("as well as", "who also").
+_JOIN_SUBJECT = re.compile(
+    r"\b(?P<entity>[A-Za-z][\w-]*)\s+(?P<link>who|that|which|with|having)\s+(?P<rest>.+)$", re.I
+)
+_JOIN_WHICH = re.compile(
+    r"^\s*(?:which|what)\s+(?:(?:ones?\s+)?of\s+(?:(?:the|these|those|all(?:\s+the)?)\s+)?)?"
+    r"(?P<entity>[A-Za-z][\w-]*)\s+(?P<rest>.+)$",
+    re.I,
+)
+_BOTH = re.compile(r"^(?P<verb>(?:[\w'-]+\s+){0,3}?)both\s+(?P<body>.+)$", re.I)
+_PART_SEP = re.compile(r"\s*,\s*(?:and\s+)?|\s+and\s+", re.I)
+_ALSO = re.compile(
+    r"^(?P<a>.+?)\s*,?\s+(?P<sep>and also|and additionally|as well as|(?:who|that|which) also|also)"
+    r"\s+(?P<b>.+)$",
+    re.I,
+)
+_LEADING_ALSO = re.compile(r"^(?:also|additionally)\s+", re.I)
+_ORDERING = re.compile(
+    r"(?:\s*,\s*(?:sorted|ordered|arranged|ranked|grouped|listed)\s+(?:by|in|alphabetically|numerically)\b|"
+    r"\s+sorted\s+(?:by|alphabetically|numerically)\b|"
+    r",?\s+(?:in|by)\s+(?:alphabetical|numerical|ascending|descending)\s+order\b|"
+    r",?\s+one per line\b).*$",
+    re.I,
+)
+"""A trailing request about how to show the list (", sorted by id"): a join's
+answer is always sorted, so it is dropped before the conditions are read.
+Without a comma only "sorted by" and "in ... order" count: "an item ordered by
+phone" may be a condition."""
+_AFTERTHOUGHT = re.compile(
+    r"^(?:(?:with|including|plus|along with|together with)\s+)?"
+    r"(?:their|its|his|her|whose|the reasons?|why|how|when|where)\b|"
+    r"^(?:including|plus|along with|together with)\b",
+    re.I,
+)
+"""A part that asks for more about each entity ("... and their causes"): not a
+condition, and more than a join answers."""
 _DETERMINER = re.compile(r"^(a|an|the|some|any|one|two|three|at least|more than|\d)\b", re.I)
 _JOIN_ASKS = re.compile(r"^\s*(which|find|show|get|identify|name)\b", re.I)
 """Besides a list's wording, how a join question may start ("What is the name of
@@ -118,50 +169,117 @@ _NOT_ENTITIES = frozenset(
     "is are was were do does did has have had the a an of in on at to for those ones "
     "and or but this these it they there".split()
 )
+_LINK_VERBS = {"with": "with", "having": "have"}
+"""Links that carry the verb of every condition ("users having both A and B":
+"have A", "have B")."""
 
 
 def join_parts(question: str) -> tuple[str | None, tuple[str, ...]] | None:
     """The entity noun and the conditions of a join question, or None.
 
     Recognised shapes (case-insensitive): "<entities> who/that/which [verb]
-    both A and B" (the verb goes with each: "users who have both a refund
-    record and a shipping record" gives "have a refund record", "have a
-    shipping record"), "<entities> with both A and B" ("with A", "with B"),
-    "<entities> that A and also B" (also "as well as"), and "which
-    <entities> ..." before either. In the "and also" shape a B that starts
-    with an article or number, or is one word, takes A's first word ("ordered
-    apples and also pears": "ordered apples", "ordered pears").
+    both A and B [and C ...]" (the verb goes with each: "users who have both a
+    refund record and a shipping record" gives "have a refund record", "have a
+    shipping record"), "<entities> with/having both A and B" ("with A" /
+    "have A"), "<entities> that A and also B" (also "as well as"), "<entities>
+    who A also B" and "<entities> with A who also B", and "which [of the]
+    <entities> ..." before any of them. In the "and also" shape a B that
+    starts with an article or number, or is one word, takes A's first word
+    ("ordered apples and also pears": "ordered apples", "ordered pears"). A
+    trailing ", sorted by ..." is dropped.
+
+    Where the wording cannot tell which words belong to which condition, this
+    says None rather than guess: a part asking for more than the entities
+    ("... and their causes"), a leftover comma, two conditions that are the
+    same, or "both A and B <words>" where the words may belong to A too
+    ("both posted and commented on the blog"). A shared ending after names is
+    read as shared: "books that both Alice and Bob read" gives "Alice read",
+    "Bob read".
     """
-    text = " ".join(question.split()).rstrip("?.! ")
+    text = _ORDERING.sub("", " ".join(question.split()).rstrip("?.! ")).rstrip(" ,")
     for shape in (_JOIN_SUBJECT, _JOIN_WHICH):
         found = shape.search(text)
         if found is None or found.group("entity").casefold() in _NOT_ENTITIES:
             continue
-        rest = found.group("rest")
-        link = found.groupdict().get("link") or ""
-        both = _BOTH.match(rest)
-        if both is not None:
-            verb = both.group("verb").strip() or ("with" if link.casefold() == "with" else "")
-            parts = [both.group("a"), both.group("b")]
-            conditions = [f"{verb} {part}".strip() for part in parts]
-        else:
-            also = _ALSO.match(rest)
-            if also is None:
-                continue
-            first, second = also.group("a").strip(), also.group("b").strip()
-            if link.casefold() == "with":
-                first, second = f"with {first}", f"with {second}"
-            elif _DETERMINER.match(second) or len(second.split()) == 1:
-                second = f"{first.split()[0]} {second}"
-            conditions = [first, second]
-        cleaned = tuple(c.strip(" ,;") for c in conditions)
-        if all(cleaned) and cleaned[0].casefold() != cleaned[1].casefold():
-            return found.group("entity"), cleaned
+        conditions = _conditions_of(found.group("rest"), (found.groupdict().get("link") or "").casefold())
+        if conditions is None:
+            continue  # not a join shape here; the other shape may read it
+        if _readable(conditions):
+            return found.group("entity"), conditions
+        return None  # a join shape whose conditions the rules cannot tell apart
     return None
 
 
+def _conditions_of(rest: str, link: str) -> tuple[str, ...] | None:
+    """The conditions in the words after the entity noun: None when they have
+    no join shape, ``()`` when they have one the rules cannot read."""
+    both = _BOTH.match(rest)
+    if both is not None:
+        return _both_conditions(both.group("verb").strip(), both.group("body"), link)
+    also = _ALSO.match(rest)
+    if also is not None:
+        return _also_conditions(also.group("a").strip(), also.group("sep").casefold(), also.group("b").strip(), link)
+    return None
+
+
+def _both_conditions(verb: str, body: str, link: str) -> tuple[str, ...]:
+    parts = [part.strip(" ,;") for part in _PART_SEP.split(body)]
+    parts = [parts[0], *(_LEADING_ALSO.sub("", part) for part in parts[1:])]
+    if not 2 <= len(parts) <= MAX_CONDITIONS or not all(parts):
+        return ()
+    if not _AFTERTHOUGHT.match(parts[0]) and any(_AFTERTHOUGHT.match(p) for p in parts[1:]):
+        return ()
+    if not verb and link in ("who", "that", "which"):
+        parts = _shared_ending(parts)
+    prefix = _LINK_VERBS.get(link, "")
+    return tuple(" ".join(w for w in (prefix, verb, part) if w) for part in parts)
+
+
+def _shared_ending(parts: list[str]) -> list[str]:
+    """Parts of "both A and B <ending>" with no verb before "both": names
+    share the ending ("Alice and Bob read": "Alice read", "Bob read"); one-word
+    parts before a longer last part cannot be told apart ("posted and
+    commented on the blog": is it "posted on the blog"?) and give ``[]``."""
+    *first, last = parts
+    words = last.split()
+    head = len(list(itertools.takewhile(lambda w: w[:1].isupper(), words)))
+    names = all(w[:1].isupper() for part in first for w in part.split())
+    if names and 0 < head < len(words):
+        ending = " ".join(words[head:])
+        return [f"{part} {ending}" for part in first] + [" ".join(words)]
+    if any(len(part.split()) == 1 for part in first) and len(words) > 1:
+        return []
+    return parts
+
+
+def _also_conditions(first: str, separator: str, second: str, link: str) -> tuple[str, ...]:
+    prefix = _LINK_VERBS.get(link)
+    if prefix:
+        first = f"{prefix} {first}"
+    if separator == "also" or (separator.endswith(" also") and not separator.startswith("and")):
+        # "users who have A also have B", "users with A who also have B": B has its own verb.
+        return first, second
+    if link == "with" or _DETERMINER.match(second) or len(second.split()) == 1:
+        second = f"{first.split()[0]} {second}"
+    return first, second
+
+
+def _readable(conditions: tuple[str, ...]) -> bool:
+    """Whether conditions read from wording are distinct and clean: no empty
+    one, no leftover comma or trailing request, no two the same."""
+    if len(conditions) < 2 or any(not c or "," in c for c in conditions):
+        return False
+    if any(re.search(r"\band\s+(their|its|his|her|whose)\b", c, re.I) for c in conditions):
+        return False
+    return len({condition_key(c) for c in conditions}) == len(conditions)
+
+
 def guess_kind(question: str) -> Kind:
-    """Guess the answer kind from the question's wording."""
+    """Guess the answer kind from the question's wording.
+
+    A count or yes/no cue anywhere in a question wins over a join's shape:
+    "Find the number of users who have both ..." is a count.
+    """
     if _TABLE.search(question) and (_COUNT.search(question) or "which" in question.lower()):
         return "table"
     if _COUNT.search(question):
@@ -169,6 +287,10 @@ def guess_kind(question: str) -> Kind:
     if _YESNO.search(question):
         return "yesno"
     if (_LIST.search(question) or _JOIN_ASKS.search(question)) and join_parts(question) is not None:
+        if _COUNT_CUE.search(question):
+            return "count"
+        if _YESNO_CUE.search(question):
+            return "yesno"
         return "join"
     if _LIST.search(question):
         return "list"
@@ -219,6 +341,15 @@ def make_plan(
     if kind == "schema" and record_schema is None:
         msg = "--kind schema needs a schema: pass --schema FILE (a JSON Schema of one record)."
         raise ConfigError(msg)
+    if config.entity is not None and kind != "join":
+        # Decided on the rules' kind, before any call: the model planner may
+        # still turn a list into a join, but an --entity that is then maybe
+        # ignored is worse than asking for --kind join.
+        msg = (
+            f"--entity names what a join answer lists, but this question is planned as a "
+            f"{kind!r} answer. Add --kind join (with --condition, once per condition) or drop --entity."
+        )
+        raise ConfigError(msg)
     entity, conditions = _join_plan(question, kind, config)
 
     overhead = _prompt_overhead(question, kind, count, record_schema, conditions, entity)
@@ -244,7 +375,9 @@ def make_plan(
             ("conditions", config.conditions),
             ("sub_question", config.sub_question),
             ("chunk_tokens", config.chunk_tokens),
-            ("filter", config.filter),
+            ("overlap_tokens", "overlap_tokens" in config.model_fields_set),
+            # "" is the user's "no filter": the model may not add one.
+            ("filter", config.filter is not None),
         ) if value
     )
     return Plan(
@@ -368,6 +501,7 @@ def apply_model_plan(rules: Plan, reply: Any, source: Source) -> Plan:
         elif value is not None:
             update[name] = value
     _settle_join(rules, reply, update, rejected)
+    _settle_filter(rules, update, rejected)
     if "chunk_tokens" in update:
         tokens = update.pop("chunk_tokens")
         update["leaf_tokens"] = tokens
@@ -470,11 +604,12 @@ def _check_kind(rules: Plan, value: Any, source: Source) -> tuple[Any, str | Non
 def _settle_join(rules: Plan, reply: dict[str, Any], update: dict[str, Any], rejected: list[str]) -> None:
     """Give a model's ``join`` kind its conditions, or keep the rules' kind.
 
-    The model's conditions (two to :data:`MAX_CONDITIONS` non-empty strings,
-    each sharing the first four letters of a word with the question) are taken
-    when the kind ends up ``join`` and the user gave none; a join
-    without usable conditions (neither the model's nor the rules') is
-    rejected. A kind the model changed away from join drops the conditions.
+    The model's conditions are taken when the kind ends up ``join`` and the
+    user gave none, if they pass :func:`_unasked_condition`: two to
+    :data:`MAX_CONDITIONS` distinct non-empty strings, each of whose
+    distinctive words the question says. A join without usable conditions
+    (neither the model's nor the rules') is rejected. A kind the model changed
+    away from join drops the conditions.
     """
     kind = update.get("kind", rules.kind)
     if kind != "join":
@@ -487,13 +622,10 @@ def _settle_join(rules: Plan, reply: dict[str, Any], update: dict[str, Any], rej
     conditions: tuple[str, ...] = ()
     if isinstance(said, list) and all(isinstance(c, str) for c in said):
         conditions = tuple(" ".join(c.split())[:200] for c in said if c.strip())
-    asked = {w[:4] for w in re.findall(r"\w{4,}", rules.question.casefold())}
-    unrelated = [
-        c for c in conditions if not asked & {w[:4] for w in re.findall(r"\w{4,}", c.casefold())}
-    ]
-    if unrelated:
-        # A condition sharing no word with the question is made up, not read.
-        rejected.append(f"conditions: {unrelated[0][:60]!r} shares no word with the question")
+    problem = _unasked_condition(conditions, rules.question) if len(conditions) >= 2 else None
+    if problem:
+        # Made up, not read: it would steer every leaf towards something else.
+        rejected.append(f"conditions: {problem}")
         conditions = ()
         said = None
     if 2 <= len(conditions) <= MAX_CONDITIONS:
@@ -507,6 +639,54 @@ def _settle_join(rules: Plan, reply: dict[str, Any], update: dict[str, Any], rej
     if len(rules.conditions) < 2 and "kind" in update:
         update.pop("kind")
         rejected.append("kind: 'join' without two or more conditions")
+
+
+_CONDITION_STOP_WORDS = frozenset(
+    "the and for that this with from are was were his her its their them they who which "
+    "what when where how did does not but had has have having been being into also both "
+    "any some all each every one there then than who whom whose should would could can "
+    "will may must about".split()
+)
+"""Words a condition may use without the question saying them."""
+
+
+def _unasked_condition(conditions: tuple[str, ...], question: str) -> str | None:
+    """Why a model's conditions are not the question's, or None.
+
+    Two that differ only in case or spacing are one condition said twice. Each
+    condition's distinctive words (those not in every condition, minus stop
+    words and words under three letters that are not numbers) must occur in
+    the question, allowing for endings ("refunds" for "refund", "shipped" for
+    "shipping"): "have a refund record" + "have a shipping record" asked of
+    "List the users who have a refund record." invents "shipping".
+    """
+    keys = [condition_key(c) for c in conditions]
+    if len(set(keys)) < len(keys):
+        twice = next(c for c, k in zip(conditions, keys, strict=True) if keys.count(k) > 1)
+        return f"{twice[:60]!r} is given twice"
+    words = [_content_words(c) for c in conditions]
+    asked = _content_words(question)
+    for condition, own in zip(conditions, words, strict=True):
+        for word in own:
+            if all(any(_same_word(word, w) for w in other) for other in words):
+                continue  # shared by every condition ("record"): not what sets it apart
+            if not any(_same_word(word, w) for w in asked):
+                return f"{condition[:60]!r} says {word!r}, which the question does not"
+    return None
+
+
+def _content_words(text: str) -> list[str]:
+    words = (w.casefold() for w in re.findall(r"\w+", text))
+    return [w for w in words if (len(w) >= 3 or any(ch.isdigit() for ch in w)) and w not in _CONDITION_STOP_WORDS]
+
+
+def _same_word(a: str, b: str) -> bool:
+    """The same word up to its ending: equal, or sharing at least four
+    letters with at most four more in either ("ship", "shipping", "shipped")."""
+    if a == b:
+        return True
+    shared = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return shared >= 4 and max(len(a), len(b)) - shared <= 4
 
 
 def _check_sub_question(rules: Plan, value: Any, source: Source) -> tuple[Any, str | None]:
@@ -525,6 +705,9 @@ def _check_chunk_tokens(rules: Plan, value: Any, source: Source) -> tuple[Any, s
         return None, None
     if not MIN_LEAF_TOKENS <= value <= rules.leaf_tokens:
         return None, f"{value} is outside {MIN_LEAF_TOKENS}-{rules.leaf_tokens}"
+    if "overlap_tokens" in rules.overridden and value // 4 < rules.overlap_tokens:
+        # The overlap is at most a quarter of a leaf: this size would cut the user's.
+        return None, f"{value} is too small for --overlap-tokens {rules.overlap_tokens}"
     return value, None
 
 
@@ -536,6 +719,12 @@ def _check_filter(rules: Plan, value: Any, source: Source) -> tuple[Any, str | N
         compiled = compile_filter(pattern)
     except regex.error:
         return None, f"{pattern!r} is not a regular expression"
+    ungrounded = _ungrounded(pattern, _words(rules.question))
+    if ungrounded:
+        # A model filter skips spans unread: one built from words the question
+        # never says is the model's guess at what matters (ut5: "user=alice
+        # request id=100" for "How many ERROR lines are there?" read 5 of 115).
+        return None, f"{pattern!r} is not grounded in the question: {ungrounded} (reading everything)"
     try:
         found = filter_matches(compiled, source.text)
     except TimeoutError:
@@ -544,6 +733,185 @@ def _check_filter(rules: Plan, value: Any, source: Source) -> tuple[Any, str | N
         # Safety rule: a filter that would skip every span means no filter.
         return None, f"{pattern!r} matches nowhere (reading everything)"
     return pattern, None
+
+
+def _settle_filter(rules: Plan, update: dict[str, Any], rejected: list[str]) -> None:
+    """Drop a model's filter that does not look for every condition of a join.
+
+    A join's conditions may each be met in a different span: a filter that
+    finds only one condition's spans (``refund`` for "a refund record and a
+    shipping record") skips the others' unread and loses entities. Each
+    condition needs an alternative of the filter made only of that
+    condition's own words (those no other condition has).
+    """
+    pattern = update.get("filter")
+    if pattern is None or update.get("kind", rules.kind) != "join":
+        return
+    conditions = update.get("conditions", rules.conditions)
+    problem = _join_filter_problem(pattern, conditions)
+    if problem:
+        update.pop("filter")
+        rejected.append(f"filter: {pattern!r} {problem} (reading everything)")
+
+
+def _join_filter_problem(pattern: str, conditions: tuple[str, ...]) -> str | None:
+    """Why ``pattern`` cannot pre-filter a join over ``conditions``, or None."""
+    branches = _filter_branches(pattern)
+    for index, condition in enumerate(conditions):
+        others = [w for i, c in enumerate(conditions) if i != index for w in _words(c)]
+        own = [w for w in _words(condition) if not _said(w, others)]
+        if not own:
+            return f"cannot be checked: condition {index + 1} {condition!r} has no words of its own"
+        if not any(words and all(_said(w, own) for w in words) for words in branches):
+            return f"does not look for condition {index + 1} ({condition!r}) by its own words"
+    return None
+
+
+_WORD = regex.compile(r"[^\W_]+")
+_REPEAT = regex.compile(r"\{(\d*)(?:,\d*)?\}")
+
+
+def _words(text: str) -> list[str]:
+    return [w.casefold() for w in _WORD.findall(text)]
+
+
+def _said(word: str, words: list[str]) -> bool:
+    """Whether ``word`` is one of ``words``: the same, or for words of four or
+    more letters the same first four letters ("errors" says "error"), as the
+    join conditions are checked against the question."""
+    if len(word) < 4 or not word.isalpha():
+        return word in words
+    return any(len(w) >= 4 and w[:4] == word[:4] for w in words)
+
+
+def _ungrounded(pattern: str, asked: list[str]) -> str | None:
+    """Why a filter is not grounded in the question's words ``asked``, or None.
+
+    Grounded: some top-level alternative of the pattern has literal words and
+    every one of them is said in the question. The whole pattern then matches
+    at least every span that alternative matches, so it skips no more than a
+    filter made of the question's own words would. Parts that are not literal
+    words (classes, anchors, ``\\d``, a letter made optional by ``?``/``*``)
+    are not checked; words inside groups count as required, which errs
+    towards rejecting (reading everything costs calls, never answers).
+    """
+    problems = []
+    for words in _filter_branches(pattern):
+        missing = [w for w in words if not _said(w, asked)]
+        if words and not missing:
+            return None
+        problems.append(f"{missing[0]!r} is not a word of it" if missing else "it has no literal word")
+    return problems[0] if problems else "it has no literal word"
+
+
+def _filter_branches(pattern: str) -> list[list[str]]:
+    """The literal words of each alternative of a regex (casefolded).
+
+    Alternations inside groups are spread out (``\\b(refund|ship)`` has the
+    alternatives ``refund`` and ``ship``; an optional group adds one without
+    it). A light scan, not a full parser: escapes, character classes, counted
+    repeats and group prefixes separate words, a literal character followed
+    by ``?`` or ``*`` is dropped (it may be absent), and past
+    :data:`MAX_FILTER_BRANCHES` alternatives a group's words all count as
+    required (which errs towards rejecting).
+    """
+    branches, _ = _scan_alternatives(pattern, 0)
+    return [_words(branch) for branch in branches]
+
+
+MAX_FILTER_BRANCHES = 64
+
+
+def _scan_alternatives(pattern: str, i: int) -> tuple[list[str], int]:
+    """The alternatives' literal texts from ``i`` to the ``)`` closing the
+    group (or the end), and the index past it."""
+    done: list[str] = []
+    current = [""]
+    literal_last = False
+    while i < len(pattern):
+        char = pattern[i]
+        step, literal = " ", False
+        if char == ")":
+            return done + current, i + 1
+        if char == "|":
+            done, current = done + current, [""]
+            i += 1
+            continue
+        if char == "(":
+            inner, i = _scan_alternatives(pattern, _skip_group_prefix(pattern, i))
+            repeat = _optional_repeat(pattern, i)
+            if repeat:
+                inner, i = [*inner, ""], repeat
+            if len(current) * len(inner) > MAX_FILTER_BRANCHES:
+                inner = [" ".join(inner)]
+            current = [c + alt for c in current for alt in inner]
+            literal_last = False
+            continue
+        if char == "\\":
+            i = _skip_escape(pattern, i)
+        elif char == "[":
+            i = _skip_class(pattern, i)
+        elif _optional_repeat(pattern, i) and literal_last:
+            current, step = [c[:-1] for c in current], ""
+            i = _optional_repeat(pattern, i)
+        elif (repeat := _REPEAT.match(pattern, i)) is not None:
+            i = repeat.end()
+        else:
+            step, literal = (char, True) if char not in ".^$*+?" else (" ", False)
+            i += 1
+        current = [c + step for c in current]
+        literal_last = literal
+
+    return done + current, i
+
+
+def _optional_repeat(pattern: str, i: int) -> int:
+    """Index past a repeat at ``i`` that allows zero times (``?``, ``*``,
+    ``{0,n}``, with a lazy or possessive mark), or 0 when there is none."""
+    found = regex.match(r"(?:[?*]|\{0*(?:,\d*)?\})[?+]?", pattern[i:])
+    return i + found.end() if found else 0
+
+
+def _skip_escape(pattern: str, i: int) -> int:
+    """Index past the escape at ``i`` (``\\d``, ``\\.``, ``\\x41``, ``\\p{L}``, ``\\12``)."""
+    code = pattern[i + 1 : i + 2]
+    i += 2
+    if not code:
+        return i
+    if code.isdigit():
+        while i < len(pattern) and pattern[i].isdigit():
+            i += 1
+    elif i < len(pattern) and pattern[i] == "{" and code in "xuNpPg":
+        close = pattern.find("}", i)
+        i = close + 1 if close > 0 else len(pattern)
+    elif code in "xuU":
+        digits = {"x": 2, "u": 4, "U": 8}[code]
+        while digits and i < len(pattern) and pattern[i] in "0123456789abcdefABCDEF":
+            i, digits = i + 1, digits - 1
+    elif code in "pP" and i < len(pattern):
+        i += 1
+    return i
+
+
+def _skip_class(pattern: str, i: int) -> int:
+    """Index past the character class opening at ``i``."""
+    i += 1
+    if pattern[i : i + 1] == "^":
+        i += 1
+    if pattern[i : i + 1] == "]":
+        i += 1
+    while i < len(pattern) and pattern[i] != "]":
+        i += 2 if pattern[i] == "\\" else 1
+    return i + 1
+
+
+def _skip_group_prefix(pattern: str, i: int) -> int:
+    """Index past ``(`` and any ``?:``, ``?i)``, ``?P<name>``, ``?<=`` ... after it."""
+    i += 1
+    if pattern[i : i + 1] != "?":
+        return i
+    named = regex.match(r"\?(?:P?<(?![=!])\w+>|P=\w+\)|#[^)]*\)|[a-zA-Z-]*[:)]|<?[=!]|[>|])", pattern[i:])
+    return i + (named.end() if named else 1)
 
 
 _FIELD_CHECKS = {

@@ -13,7 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
-    "Answer", "Evidence", "Item", "Kind", "Match", "Outcome", "Plan", "Record", "Row", "Task", "entity_key",
+    "Answer", "Evidence", "Item", "Kind", "Match", "Outcome", "Plan", "Record", "Row", "Task",
+    "condition_key", "entity_key",
 ]
 
 Kind = Literal["text", "short", "list", "count", "table", "yesno", "schema", "join"]
@@ -23,8 +24,15 @@ several conditions (``join``: each condition may be met in a different part of t
 
 
 def entity_key(name: str) -> str:
-    """How join answers match entity names: ignoring case, spacing and end punctuation."""
-    return re.sub(r"\s+", " ", name).strip().casefold().strip(".,;:!?\"'`()[]")
+    """How join answers match entity names: ignoring case, spaces and end
+    punctuation ("U 12", "u12" and "U12." are one entity)."""
+    return re.sub(r"\s+", "", name).casefold().strip(".,;:!?\"'`()[]")
+
+
+def condition_key(condition: str) -> str:
+    """How join conditions are told apart: two that differ only in case,
+    spacing or end punctuation are the same condition."""
+    return re.sub(r"\s+", "", condition).casefold().strip(".,;:!?\"'`")
 
 
 class _Record(BaseModel):

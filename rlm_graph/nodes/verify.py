@@ -22,7 +22,7 @@ import regex
 from pydantic import BaseModel, ValidationError
 
 from rlm_graph.models import Completion
-from rlm_graph.nodes.prompts import LIST_MAX_ITEMS, evidence_field
+from rlm_graph.nodes.prompts import JOIN_MAX_MATCHES, LIST_MAX_ITEMS, evidence_field
 from rlm_graph.nodes.types import Answer, Evidence, Item, Kind, Match, Record, Row, Task, entity_key
 from rlm_graph.source import FILE_HEADER_MARK
 
@@ -102,7 +102,9 @@ class Verdict:
     code: str
     """ok, truncated, empty, refused, malformed (not the kind's shape),
     restated, no-evidence (a quote is not in the span), unbacked (a count its
-    quotes do not add up to), too-many (more occurrences than one reply may quote)."""
+    quotes do not add up to), too-many (a reply holding exactly its schema's cap
+    of items or quotes, or counting more than it may quote: what did not fit
+    may be missing, so the span is split, never taken as complete)."""
     answer: Answer | None = None
     feedback: str | None = None
     """Why the reply was rejected, worded for the model."""
@@ -515,6 +517,8 @@ def _sentence_around(text: str, spans: list[tuple[int, int]], at: int, stop: int
 def _check_list(text: str, task: Task, data: dict[str, Any]) -> Verdict:
     shape = '{"items": [{"item": "...", "quote": "..."}]}'
     entries = _required(data, "items", list, shape)
+    if (full := _full(entries, LIST_MAX_ITEMS, "items")) is not None:
+        return full
     items: list[Item] = []
     missing = 0
     claims = Claims()
@@ -542,6 +546,8 @@ def _check_count(text: str, task: Task, data: dict[str, Any]) -> Verdict:
     shape = '{"count": N, "quotes": ["...", ...]}'
     count = _whole_number(_required(data, "count", object, shape), "count")
     quotes = _quotes(data.get("quotes"), "quotes")
+    if (full := _full(quotes, LIST_MAX_ITEMS, "quotes")) is not None:
+        return full
     evidence, problem = _backing(text, task, count, quotes)
     if problem is not None:
         return problem
@@ -552,7 +558,10 @@ def _check_table(text: str, task: Task, data: dict[str, Any]) -> Verdict:
     shape = '{"rows": [{"label": "...", "count": N, "quotes": ["...", ...]}]}'
     rows: dict[str, Row] = {}
     claims: dict[str, Claims] = {}
-    for index, entry in enumerate(_required(data, "rows", list, shape)):
+    entries = _required(data, "rows", list, shape)
+    if (full := _full(entries, LIST_MAX_ITEMS, "rows")) is not None:
+        return full
+    for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             msg = f"rows[{index}] is not an object. Reply as {shape}."
             raise _Malformed(msg)
@@ -560,6 +569,8 @@ def _check_table(text: str, task: Task, data: dict[str, Any]) -> Verdict:
         said = _required(entry, "count", object, shape)
         count = _whole_number(said, f"rows[{index}].count")
         quotes = _quotes(entry.get("quotes"), f"rows[{index}].quotes")
+        if (full := _full(quotes, LIST_MAX_ITEMS, f"quotes for {label or 'a row'!r}")) is not None:
+            return full
         if not label:
             if count or quotes:
                 msg = f"rows[{index}] has no label. Reply as {shape}."
@@ -627,6 +638,8 @@ def _check_schema(
     claims = Claims()
     shape = f'{{"records": [{{..., "{field}": "..."}}]}}'
     entries = _required(data, "records", list, shape)
+    if (full := _full(entries, LIST_MAX_ITEMS, "records")) is not None:
+        return full
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             return Verdict(False, "malformed", feedback=f"records[{index}] is not an object.")
@@ -674,6 +687,8 @@ def _check_join(text: str, task: Task, data: dict[str, Any], conditions: int) ->
     """
     shape = '{"matches": [{"entity": "...", "condition": N, "quote": "..."}]}'
     entries = _required(data, "matches", list, shape)
+    if (full := _full(entries, JOIN_MAX_MATCHES, "matches")) is not None:
+        return full
     kept: dict[tuple[str, int, int, int], Match] = {}
     bad: list[str] = []
     for index, entry in enumerate(entries):
@@ -702,11 +717,13 @@ def _check_join(text: str, task: Task, data: dict[str, Any], conditions: int) ->
             shown = " ".join(quote.split())[:80]
             bad.append(f"the quote for {entity} ({shown!r}) does not occur in the excerpt")
             continue
-        if not _names(evidence.quote, entity):
+        named = _named(evidence.quote, entity)
+        if named is None:
             bad.append(f"the quote for {entity} does not name {entity}")
             continue
-        key = (entity_key(entity), number - 1, evidence.start, evidence.end)
-        kept.setdefault(key, Match(entity=entity, condition=number - 1, evidence=evidence))
+        # The source's spelling, not the model's ("U1" where the reply said "u1").
+        key = (entity_key(named), number - 1, evidence.start, evidence.end)
+        kept.setdefault(key, Match(entity=named, condition=number - 1, evidence=evidence))
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         feedback = (
@@ -720,9 +737,19 @@ def _check_join(text: str, task: Task, data: dict[str, Any], conditions: int) ->
     return Verdict(True, "ok", join_matches(matches, conditions))
 
 
-def _names(quote: str, entity: str) -> bool:
-    """Whether ``entity`` occurs in ``quote`` as whole words (ignoring case and spacing)."""
-    return _answer_pattern(entity).search(quote) is not None
+def _named(quote: str, entity: str) -> str | None:
+    """How ``quote`` writes ``entity``, or None when it does not name it.
+
+    The entity must occur as whole words, ignoring case and spaces: "u 12"
+    names the "U12" of "user U12 asked", and is then spelled "U12". Quote
+    marks match any quote-mark style.
+    """
+    letters = [ch for ch in entity if not ch.isspace()]
+    body = r"\s*".join(
+        f"[{re.escape(_QUOTE_MARKS)}]" if ch in _QUOTE_MARKS else regex.escape(ch) for ch in letters
+    )
+    found = regex.search(rf"(?<!\w){body}(?!\w)", quote, regex.IGNORECASE | regex.V1)
+    return " ".join(found.group(0).split()) if found else None
 
 
 def _model_rejects(record_model: type[BaseModel], fields: dict[str, Any]) -> str | None:
@@ -734,6 +761,21 @@ def _model_rejects(record_model: type[BaseModel], fields: dict[str, Any]) -> str
         where = ".".join(str(p) for p in first.get("loc", ())) or "(record)"
         return f"{where}: {first.get('msg', 'invalid')}"[:300]
     return None
+
+
+def _full(entries: list[Any], cap: int, what: str) -> Verdict | None:
+    """A reply holding exactly as many entries as its schema allows may have
+    been cut short: a model held to the schema stops at the cap, so what did
+    not fit is missing from a reply that looks complete. It is rejected as
+    too-many, so its span is split (and listed as a failure where it cannot be
+    split any finer), never accepted as the whole answer. A reply with more
+    than the cap was not held to it, so the cap did not cut it."""
+    if len(entries) != cap:
+        return None
+    return Verdict(False, "too-many", feedback=(
+        f"the reply held {cap} {what}, the most one reply may hold, so some may "
+        "have been left out"
+    ))
 
 
 def _required(data: dict[str, Any], key: str, kind: type, shape: str) -> Any:

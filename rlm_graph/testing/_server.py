@@ -250,6 +250,10 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    # socketserver's default listen backlog is 5: sixteen clients connecting
+    # at once on a busy machine overflowed it, and connections were reset or
+    # stalled on SYN retransmits. Real servers listen with hundreds.
+    request_queue_size = 256
 
     def __init__(self, double: FakeOpenAIServer) -> None:
         self.double = double
