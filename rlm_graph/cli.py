@@ -773,13 +773,10 @@ class _errors_to_exit_codes:
         sys.exit(EXIT_USAGE if usage else EXIT_MODEL)
 
 
-def _planned(plan: dict[str, Any]) -> str:
-    """A line saying the model's plan changed the announced answer kind."""
-    line = f"the plan ({plan['made_by']}) makes it a {plan['kind']} answer, not {plan['kind_before']}"
-    if plan["kind"] == "join":
-        numbered = "; ".join(f"{i + 1}. {c}" for i, c in enumerate(plan["conditions"]))
-        line += f"; conditions: {numbered} (listed: the {plan['entity'] or 'entities'} meeting all)"
-    return line
+def _join_conditions(conditions: tuple[str, ...], entity: str | None) -> str:
+    """The conditions of a join plan, for the start line."""
+    numbered = "; ".join(f"{i + 1}. {c}" for i, c in enumerate(conditions))
+    return f"; conditions: {numbered} (listed: the {entity or 'entities'} meeting all)"
 
 
 class _Progress:
@@ -794,8 +791,6 @@ class _Progress:
         self._live: Any = None
         self._engine: Any = None
         self._t0 = time.monotonic()
-        self.kind: str | None = None
-        """The answer kind the start line announced."""
 
     def start(self, engine: Any) -> None:
         self._engine = engine
@@ -834,10 +829,8 @@ class _Progress:
                 f"rlm-graph: {engine.source.describe()}, {plan.source_tokens:,} tokens; "
                 f"{plan.kind} answer; leaves of up to {plan.leaf_tokens:,} tokens; "
                 f"plan by {plan.made_by.split(' (')[0]}; worker {engine.client.models['worker']}"
+                + (_join_conditions(plan.conditions, plan.entity) if plan.kind == "join" else "")
             )
-        elif event.kind == "plan_made" and event.data["kind"] != (self.kind or event.data["kind_before"]):
-            self.kind = event.data["kind"]
-            self._say(f"rlm-graph: {_planned(event.data)}")
         elif event.kind == "task_started":
             self.started += 1
             self.depth = max(self.depth, event.depth)

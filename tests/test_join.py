@@ -642,8 +642,9 @@ def test_cli_says_join_when_the_model_plan_makes_a_list_a_join(scripted, tmp_pat
     ])
 
     assert out.exit_code == 0, out.output
-    assert "; list answer;" in out.stderr, "the rules' plan is announced first"
-    assert "makes it a join answer, not list; conditions: 1. have a refund record" in out.stderr
+    assert "; list answer;" not in out.stderr, "the start line waits for the final plan"
+    assert "; join answer;" in out.stderr and "plan by model" in out.stderr
+    assert "conditions: 1. have a refund record" in out.stderr
     assert out.stdout.splitlines()[0] == "- U0001"
 
 
