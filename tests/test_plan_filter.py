@@ -161,6 +161,14 @@ def log_file(tmp_path, text=LOG):
     return str(path)
 
 
+def run_on_log(tmp_path, question: str, *flags: str):
+    """``rlm-graph run`` on the test log with the scripted model and a 4K window."""
+    return cli(
+        "run", log_file(tmp_path), "-q", question,
+        "--model", "scripted/m", "--context-window", "4096", *flags,
+    )
+
+
 ID_Q = "How many ERROR lines for request id=1003 are there?"
 
 
@@ -215,22 +223,9 @@ def test_cli_says_which_filter_skipped_how_many_parts(scripted, tmp_path):
 
 def test_no_skip_note_without_a_filter(scripted, tmp_path):
     scripted(id_lines)
-    out = cli(
-        "run",
-        log_file(tmp_path),
-        "-q",
-        ID_Q,
-        "--model",
-        "scripted/m",
-        "--context-window",
-        "4096",
-        "--chunk-tokens",
-        "400",
-        "--planner",
-        "rules",
-        "--store",
-        "memory",
-        "--json",
+    out = run_on_log(
+        tmp_path, ID_Q, "--chunk-tokens", "400", "--planner", "rules",
+        "--store", "memory", "--json",
     )
 
     data = json.loads(out.stdout)
@@ -302,20 +297,7 @@ def test_plan_line_is_printed_once_the_models_plan_is_final(scripted, tmp_path):
         return count_lines(request)
 
     scripted(plan_then_count)
-    out = cli(
-        "run",
-        log_file(tmp_path),
-        "-q",
-        COUNT_Q,
-        "--model",
-        "scripted/m",
-        "--context-window",
-        "4096",
-        "--planner",
-        "model",
-        "--store",
-        "memory",
-    )
+    out = run_on_log(tmp_path, COUNT_Q, "--planner", "model", "--store", "memory")
 
     assert out.exit_code == 0, out.output
     lines = [ln for ln in out.stderr.splitlines() if "leaves of up to" in ln]
@@ -341,22 +323,9 @@ def test_dry_run_names_the_filters_origin_and_a_memory_store_keeping_nothing(
     scripted, tmp_path
 ):
     scripted(id_lines)
-    out = cli(
-        "run",
-        log_file(tmp_path),
-        "-q",
-        ID_Q,
-        "--model",
-        "scripted/m",
-        "--context-window",
-        "4096",
-        "--chunk-tokens",
-        "400",
-        "--planner",
-        "model",
-        "--store",
-        "memory",
-        "--dry-run",
+    out = run_on_log(
+        tmp_path, ID_Q, "--chunk-tokens", "400", "--planner", "model",
+        "--store", "memory", "--dry-run",
     )
 
     assert out.exit_code == 0, out.output
