@@ -307,7 +307,8 @@ class ModelClient:
         failure: ModelCallError | None = None
         too_small: list[str] = []
         for index, name in enumerate(chain):
-            need = self._limits_of(name).count(prompt) + params["max_tokens"]
+            prompt_tokens = self._limits_of(name).count(prompt)
+            need = prompt_tokens + params["max_tokens"]
             group = self.table.groups[name]
             if need > group.window:
                 too_small.append(f"{name} ({group.window})")
@@ -319,7 +320,9 @@ class ModelClient:
                 logger.info("%s call: falling back from %s to %s (%s)",
                             role, chain[index - 1], name, failure)
             try:
-                return await self._send_to_group(role, name, messages, params, key)
+                return await self._send_to_group(
+                    role, name, messages, params, key, prompt_tokens
+                )
             except ContextWindowError as exc:
                 return await self._context_fallback(role, name, prompt, messages, params, key, exc)
             except ModelCallError as exc:
@@ -346,12 +349,15 @@ class ModelClient:
     ) -> Completion:
         """After a context-window error, try the larger groups configured for it."""
         for other in self.table.context_fallbacks.get(name, ()):
-            need = self._limits_of(other).count(prompt) + params["max_tokens"]
+            prompt_tokens = self._limits_of(other).count(prompt)
+            need = prompt_tokens + params["max_tokens"]
             if need > self.table.groups[other].window:
                 continue
             logger.info("%s call: falling back from %s to %s (context window)", role, name, other)
             try:
-                return await self._send_to_group(role, other, messages, params, key)
+                return await self._send_to_group(
+                    role, other, messages, params, key, prompt_tokens
+                )
             except ContextWindowError:
                 continue
         raise error
@@ -363,7 +369,11 @@ class ModelClient:
         messages: list[dict[str, str]],
         params: dict[str, Any],
         key: str,
+        prompt_tokens: int,
     ) -> Completion:
+        """Send to one group, retrying there; ``prompt_tokens`` is the prompt
+        counted with the group's tokenizer (by the caller, which needed it to
+        check the window: counted once per call, not once per attempt)."""
         if name in self._rejected:
             # The group's key was rejected: no call to it can succeed.
             raise self._rejected[name]
@@ -384,7 +394,7 @@ class ModelClient:
             async for attempt in retrying:
                 with attempt:
                     return await self._send_once(
-                        role, name, messages, params, key, tally
+                        role, name, messages, params, key, tally, prompt_tokens
                     )
         except (ModelCallError, BudgetExceeded, StoreError):
             raise
@@ -405,10 +415,10 @@ class ModelClient:
         params: dict[str, Any],
         key: str,
         tally: _Tally,
+        prompt_tokens: int,
     ) -> Completion:
         group = self.table.groups[name]
         limits = self._limits_of(name)
-        prompt_tokens = limits.count("\n".join(m["content"] for m in messages))
         estimate = prompt_tokens + params["max_tokens"]
         budget = self.budget
         async with contextlib.AsyncExitStack() as held:
