@@ -169,6 +169,10 @@ class Budget:
             return "max-time", f"{self.max_time_s:g} s"
         return None
 
+    def count_unreserved(self, tokens: int, cost: float | None) -> _Reservation:
+        """Count an attempt that went out without a reservation; settle it as usual."""
+        return self._take(tokens, cost)
+
     def cancel(self, reservation: _Reservation) -> None:
         """Give back an attempt that was never sent: its call and its hold."""
         self.calls -= 1

@@ -41,6 +41,7 @@ from rlm_graph._routing import (
     Role,
     routing_table,
 )
+from rlm_graph._wire import WireTicket, current_ticket, session_for_this_loop
 from rlm_graph.budget import Budget
 from rlm_graph.config import RunConfig
 from rlm_graph.errors import (
@@ -161,6 +162,9 @@ class ModelClient:
     the request. Around every attempt the client enforces, in this order: the
     group's parallel-call limit, the pause of a rate-limited quota, the
     group's rpm/tpm pace, the global concurrency limit, and the run's budget.
+    Once a group's requests are seen passing the client's HTTP session, these
+    are taken as each request leaves rather than before LiteLLM prepares it
+    (:mod:`rlm_graph._wire`).
 
     Args:
         config: the run configuration (models or router config, limits, budgets).
@@ -205,6 +209,10 @@ class ModelClient:
         self.call_log: CallLog = call_log if call_log is not None else MemoryCallLog()
         self._on_call = on_call
         self._semaphore = asyncio.Semaphore(config.concurrency)
+        self._admission = asyncio.Semaphore(config.concurrency + _spare(config.concurrency))
+        self._at_wire: set[str] = set()
+        """Groups whose calls take their slots when the request leaves (_wire)."""
+        self._never_at_wire: set[str] = set()
         self._gates = QuotaGates()
         self._group_limits = {name: _GroupLimits(g) for name, g in self.table.groups.items()}
         self.run_id: str | None = None
@@ -418,41 +426,36 @@ class ModelClient:
         prompt_tokens: int,
     ) -> Completion:
         group = self.table.groups[name]
-        limits = self._limits_of(name)
         estimate = prompt_tokens + params["max_tokens"]
-        budget = self.budget
+        at_wire = name in self._at_wire
         async with contextlib.AsyncExitStack() as held:
-            # Every wait below ends when the run's time is up (or a budget stops it).
-            if limits.parallel is not None:
-                slot = limits.parallel
-                await budget.within_time(
-                    slot.acquire(), slot.release, ready=not slot.locked()
+            if at_wire:
+                # LiteLLM prepares the call outside the slots (see _wire); this
+                # bounds how many calls are past this point at once.
+                admission = self._admission
+                await self.budget.within_time(
+                    admission.acquire(), admission.release, ready=not admission.locked()
                 )
-                held.callback(limits.parallel.release)
-            await self._wait_for_quota(role, name, group)
-            delay, limit = limits.pace_delay(estimate)
-            if delay >= LONG_PACE_WAIT_S:
-                logger.info(
-                    "%s call to %s: waiting %.0f s for the group's %s pace "
-                    "(a bucket in debt after a larger request)",
-                    role, name, delay, limit,
-                )
-            await budget.within_time(limits.pace(estimate), ready=limits.pace_free(estimate))
-            await budget.within_time(
-                self._semaphore.acquire(), self._semaphore.release,
-                ready=not self._semaphore.locked(),
-            )
-            held.callback(self._semaphore.release)
-            reservation = await budget.admit(estimate, _cost_of(group, estimate, 0))
+                held.callback(admission.release)
+            ticket = WireTicket(functools.partial(self._take_slots, role, name, estimate))
+            held.callback(ticket.release)
+            if not at_wire:
+                await ticket.take()
             metadata: dict[str, Any] = {}
             started = time.monotonic()
             try:
-                response = await self._post(name, group, messages, params, metadata)
+                response = await self._post(name, group, messages, params, metadata, ticket)
             except BaseException as exc:
-                self._record_failure(
-                    group, reservation, exc, prompt_tokens, metadata, tally
-                )
+                if ticket.stopped is not None:
+                    # The budget stopped the run while the request waited for a slot.
+                    raise ticket.stopped from None
+                if ticket.reservation is not None or not _refused_locally(exc):
+                    reservation = self._reservation_of(name, at_wire, ticket, estimate)
+                    self._record_failure(group, reservation, exc, prompt_tokens, metadata, tally)
+                else:
+                    tally.refused += 1
                 raise
+            reservation = self._reservation_of(name, at_wire, ticket, estimate)
             tally.sent += 1
             self.usage.calls += 1
             completion = self._completion_from(
@@ -460,7 +463,7 @@ class ModelClient:
             )
             self.budget.settle(reservation, completion.total_tokens, completion.cost_usd)
             _raise_if_error_body(response)
-            # Recorded before the slot is freed: at any moment at most
+            # Recorded before the slots are freed: at any moment at most
             # `concurrency` calls are paid for and not yet in the call log.
             # A reply no run could use (empty, refused, not the JSON asked
             # for) is not recorded: once the server is fixed, it is asked again.
@@ -477,6 +480,73 @@ class ModelClient:
         self._account(completion)
 
         return completion
+
+    async def _take_slots(
+        self, role: Role, name: str, estimate: int
+    ) -> tuple[Any, Callable[[], None]]:
+        """Wait for everything a call needs before it goes out, in this order:
+        the group's parallel slot, its quota and pace, the global slot, the
+        budget. Returns the budget's reservation and what frees the slots.
+
+        The pace comes before the global slot, so a call waiting out its own
+        group's pace does not keep another group's call from going out.
+        """
+        group = self.table.groups[name]
+        limits = self._limits_of(name)
+        budget = self.budget
+        taken: list[Callable[[], None]] = []
+
+        def give_back() -> None:
+            while taken:
+                taken.pop()()
+
+        try:
+            # Every wait below ends when the run's time is up (or a budget stops it).
+            if limits.parallel is not None:
+                slot = limits.parallel
+                await budget.within_time(slot.acquire(), slot.release, ready=not slot.locked())
+                taken.append(slot.release)
+            await self._wait_for_quota(role, name, group)
+            delay, limit = limits.pace_delay(estimate)
+            if delay >= LONG_PACE_WAIT_S:
+                logger.info(
+                    "%s call to %s: waiting %.0f s for the group's %s pace "
+                    "(a bucket in debt after a larger request)",
+                    role, name, delay, limit,
+                )
+            await budget.within_time(limits.pace(estimate), ready=limits.pace_free(estimate))
+            semaphore = self._semaphore
+            await budget.within_time(
+                semaphore.acquire(), semaphore.release, ready=not semaphore.locked()
+            )
+            taken.append(semaphore.release)
+            reservation = await budget.admit(estimate, _cost_of(group, estimate, 0))
+        except BaseException:
+            give_back()
+            raise
+        return reservation, give_back
+
+    def _reservation_of(
+        self, name: str, at_wire: bool, ticket: WireTicket, estimate: int
+    ) -> Any:
+        """The budget's hold of a call that went out; learns where the group's
+        slots can be taken (see :mod:`rlm_graph._wire`)."""
+        if ticket.seen and name not in self._at_wire and name not in self._never_at_wire:
+            self._at_wire.add(name)
+            logger.debug("calls to %s take their slots when the request goes out", name)
+        if ticket.reservation is not None:
+            return ticket.reservation
+        # Counted on taking its slots at the wire, the call went out another
+        # way: from now on the group takes them before each call.
+        self._at_wire.discard(name)
+        self._never_at_wire.add(name)
+        logger.info(
+            "a call to %s went out without passing the slots at the wire; "
+            "its calls take them beforehand from now on", name,
+        )
+        return self.budget.count_unreserved(
+            estimate, _cost_of(self.table.groups[name], estimate, 0)
+        )
 
     async def _wait_for_quota(self, role: Role, name: str, group: Group) -> None:
         """Wait while every quota of the group is paused; stop if it outlasts the run."""
@@ -513,29 +583,43 @@ class ModelClient:
         messages: list[dict[str, str]],
         params: dict[str, Any],
         metadata: dict[str, Any],
+        ticket: WireTicket,
     ) -> Any:
         """One request through the Router, cut short when the run's time is up.
 
         ``metadata`` must be a fresh dict: LiteLLM writes into it (STACK-FINDINGS
-        2), among other things the deployment the Router chose.
+        2), among other things the deployment the Router chose. ``ticket``
+        takes the call's slots if they are not held yet, when the request
+        leaves; the call's timeout counts from then.
         """
         timeout = group.timeout_s + 5
-        remaining = self.budget.remaining_s()
-        cut_by_budget = remaining is not None and remaining < timeout
+        cut_by_budget = False
+
+        def deadline() -> float:
+            nonlocal cut_by_budget
+            remaining = self.budget.remaining_s()
+            cut_by_budget = remaining is not None and remaining < timeout
+            return min(timeout, remaining) if cut_by_budget and remaining else timeout
+
+        session = await session_for_this_loop()
+        token = current_ticket().set(ticket)
         try:
             # asyncio.timeout, not wait_for: it runs the call in this task
             # rather than a new one, one event-loop hop less per call.
-            async with asyncio.timeout(
-                min(timeout, remaining) if cut_by_budget and remaining else timeout
-            ):
+            async with asyncio.timeout(deadline()) as scope:
+                loop = asyncio.get_running_loop()
+                ticket.on_taken = lambda: scope.reschedule(loop.time() + deadline())
                 return await self.router.acompletion(
-                    model=name, messages=messages, metadata=metadata, **params
+                    model=name, messages=messages, metadata=metadata,
+                    shared_session=session, **params,
                 )
         except TimeoutError as exc:
             if not cut_by_budget:
                 raise
             stop = self.budget.stop("max-time", f"{self.config.max_time_s:g} s")
             raise stop from exc
+        finally:
+            current_ticket().reset(token)
 
     def _record_failure(
         self,
@@ -874,6 +958,12 @@ def _is_auth_error(exc: BaseException) -> bool:
     import litellm
 
     return isinstance(exc, litellm.AuthenticationError | litellm.PermissionDeniedError)
+
+
+def _spare(concurrency: int) -> int:
+    """Calls allowed past admission beyond ``concurrency``, preparing the next
+    request while ``concurrency`` are at the server (see _wire)."""
+    return max(2, concurrency // 2)
 
 
 def _refused_locally(exc: BaseException) -> bool:
