@@ -130,6 +130,10 @@ PLAN_OUTPUT_TOKENS = 200
 MAX_REJECTED_SPLITS = 1
 SIZE_VERDICTS = frozenset({"context-window", "truncated", "too-many"})
 CHOICE_OUTPUT_TOKENS = 64
+LEAVES_PER_SLOT = 4
+"""Leaves asked at once per concurrency slot: enough to keep every slot busy
+while the next requests are prepared, few enough that hundreds of leaves do
+not all build their prompts before the first reply is read."""
 
 CallFn = Callable[[Role, list[dict[str, str]], int, dict[str, Any] | None], Awaitable[CallResult]]
 SpawnFn = Callable[[Task], Awaitable[Outcome]]
@@ -167,6 +171,7 @@ class Engine:
         """How stages call a model; the graph swaps in a durable task."""
         self.spawn: SpawnFn = self.solve
         """How a task starts a child; the graph swaps in a durable task."""
+        self._asking = asyncio.Semaphore(LEAVES_PER_SLOT * config.concurrency)
 
     def emit(self, event: Event) -> None:
         """Send a progress event to every listener."""
@@ -635,7 +640,8 @@ class Engine:
         re_asks = attempts = 0
         focused = False
         while True:
-            result = await self.leaf_attempt(task, feedback=feedback, max_tokens=max_tokens)
+            async with self._asking:
+                result = await self.leaf_attempt(task, feedback=feedback, max_tokens=max_tokens)
             attempts += 1
             decision = self.decide(task, result, max_tokens=max_tokens, re_asks=re_asks)
             if decision.focus is not None and not focused:
