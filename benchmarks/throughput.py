@@ -12,7 +12,10 @@ source of the same number of leaf calls, to show what the engine adds.
 With ``--layers`` it first times the layers under the engine one by one, each
 at the same concurrency against the same double: a bare HTTP client (httpx),
 ``litellm.acompletion``, a LiteLLM ``Router`` and rlm-graph's ``ModelClient``.
-The drop from one layer to the next is what that layer costs.
+The drop from one layer to the next is what that layer costs. The first three
+are kept at ``concurrency`` calls by the benchmark; the client is given every
+call and keeps its own limit, taking its slots as each request leaves (so it
+prepares the next requests while ``concurrency`` are at the server).
 
 The double runs in a child process, as a real server would: in this process
 its threads would take turns with the client for the interpreter lock. CPU
@@ -173,7 +176,9 @@ async def layer_throughput(
             async def call(i: int) -> object:
                 return await client.complete("worker", messages(i), max_tokens=8)
 
-        slots = asyncio.Semaphore(concurrency)
+        # The client keeps its own limit, and prepares the next calls while
+        # `concurrency` requests are at the server: it is given every call at once.
+        slots = asyncio.Semaphore(calls if layer == "client" else concurrency)
 
         async def one(i: int) -> None:
             async with slots:
