@@ -209,10 +209,16 @@ class ModelClient:
         self.call_log: CallLog = call_log if call_log is not None else MemoryCallLog()
         self._on_call = on_call
         self._semaphore = asyncio.Semaphore(config.concurrency)
-        self._admission = asyncio.Semaphore(config.concurrency + _spare(config.concurrency))
+        self._admission = {
+            name: asyncio.Semaphore(config.concurrency + _spare(config.concurrency))
+            for name in self.table.groups
+        }
         self._at_wire: set[str] = set()
         """Groups whose calls take their slots when the request leaves (_wire)."""
-        self._never_at_wire: set[str] = set()
+        self._never_at_wire: set[str] = {
+            name for name, group in self.table.groups.items()
+            if not _may_wait_at_wire(group, self.table.router_settings)
+        }
         self._gates = QuotaGates()
         self._group_limits = {name: _GroupLimits(g) for name, g in self.table.groups.items()}
         self.run_id: str | None = None
@@ -428,20 +434,23 @@ class ModelClient:
         group = self.table.groups[name]
         estimate = prompt_tokens + params["max_tokens"]
         at_wire = name in self._at_wire
+        metadata: dict[str, Any] = {}
         async with contextlib.AsyncExitStack() as held:
             if at_wire:
                 # LiteLLM prepares the call outside the slots (see _wire); this
-                # bounds how many calls are past this point at once.
-                admission = self._admission
+                # bounds how many of the group's calls are past this point at
+                # once. Per group: one waiting out its pace holds up no other.
+                admission = self._admission[name]
                 await self.budget.within_time(
                     admission.acquire(), admission.release, ready=not admission.locked()
                 )
                 held.callback(admission.release)
-            ticket = WireTicket(functools.partial(self._take_slots, role, name, estimate))
+            ticket = WireTicket(
+                functools.partial(self._take_slots, role, name, estimate, metadata)
+            )
             held.callback(ticket.release)
             if not at_wire:
                 await ticket.take()
-            metadata: dict[str, Any] = {}
             started = time.monotonic()
             try:
                 response = await self._post(name, group, messages, params, metadata, ticket)
@@ -449,13 +458,24 @@ class ModelClient:
                 if ticket.stopped is not None:
                     # The budget stopped the run while the request waited for a slot.
                     raise ticket.stopped from None
-                if ticket.reservation is not None or not _refused_locally(exc):
-                    reservation = self._reservation_of(name, at_wire, ticket, estimate)
-                    self._record_failure(group, reservation, exc, prompt_tokens, metadata, tally)
+                if ticket.reservation is not None:
+                    self._learn(name, ticket)
+                    self._record_failure(
+                        group, ticket.reservation, exc, prompt_tokens, metadata, tally
+                    )
+                elif ticket.seen or _never_left(exc):
+                    # Ended (cancelled, out of time, refused by the Router)
+                    # before its request left: nothing was sent.
+                    tally.refused += int(_refused_locally(exc))
                 else:
-                    tally.refused += 1
+                    reservation = self._went_out_unseen(name, estimate)
+                    self._record_failure(group, reservation, exc, prompt_tokens, metadata, tally)
                 raise
-            reservation = self._reservation_of(name, at_wire, ticket, estimate)
+            if ticket.reservation is not None:
+                self._learn(name, ticket)
+                reservation = ticket.reservation
+            else:
+                reservation = self._went_out_unseen(name, estimate)
             tally.sent += 1
             self.usage.calls += 1
             completion = self._completion_from(
@@ -482,14 +502,18 @@ class ModelClient:
         return completion
 
     async def _take_slots(
-        self, role: Role, name: str, estimate: int
+        self, role: Role, name: str, estimate: int, metadata: dict[str, Any]
     ) -> tuple[Any, Callable[[], None]]:
         """Wait for everything a call needs before it goes out, in this order:
         the group's parallel slot, its quota and pace, the global slot, the
         budget. Returns the budget's reservation and what frees the slots.
 
         The pace comes before the global slot, so a call waiting out its own
-        group's pace does not keep another group's call from going out.
+        group's pace does not keep another group's call from going out. A
+        quota paused (by a 429) while the call waited for the global slot is
+        waited out again, without the slot: at the wire the Router has already
+        chosen the deployment (``metadata``), so its cooldown would not stop
+        the request.
         """
         group = self.table.groups[name]
         limits = self._limits_of(name)
@@ -516,9 +540,15 @@ class ModelClient:
                 )
             await budget.within_time(limits.pace(estimate), ready=limits.pace_free(estimate))
             semaphore = self._semaphore
-            await budget.within_time(
-                semaphore.acquire(), semaphore.release, ready=not semaphore.locked()
-            )
+            while True:
+                await budget.within_time(
+                    semaphore.acquire(), semaphore.release, ready=not semaphore.locked()
+                )
+                quotas = self._quotas_chosen(group, metadata)
+                if self._gates.pause_any(quotas) <= 0:
+                    break
+                semaphore.release()
+                await self._wait_for_quota(role, name, group, quotas)
             taken.append(semaphore.release)
             reservation = await budget.admit(estimate, _cost_of(group, estimate, 0))
         except BaseException:
@@ -526,18 +556,16 @@ class ModelClient:
             raise
         return reservation, give_back
 
-    def _reservation_of(
-        self, name: str, at_wire: bool, ticket: WireTicket, estimate: int
-    ) -> Any:
-        """The budget's hold of a call that went out; learns where the group's
-        slots can be taken (see :mod:`rlm_graph._wire`)."""
+    def _learn(self, name: str, ticket: WireTicket) -> None:
+        """A request seen in the session moves its group's slots to the wire
+        (see :mod:`rlm_graph._wire`), unless the group cannot go there."""
         if ticket.seen and name not in self._at_wire and name not in self._never_at_wire:
             self._at_wire.add(name)
             logger.debug("calls to %s take their slots when the request goes out", name)
-        if ticket.reservation is not None:
-            return ticket.reservation
-        # Counted on taking its slots at the wire, the call went out another
-        # way: from now on the group takes them before each call.
+
+    def _went_out_unseen(self, name: str, estimate: int) -> Any:
+        """A call counting on the wire went out another way: from now on its
+        group takes its slots before each call. Returns its budget hold."""
         self._at_wire.discard(name)
         self._never_at_wire.add(name)
         logger.info(
@@ -548,9 +576,12 @@ class ModelClient:
             estimate, _cost_of(self.table.groups[name], estimate, 0)
         )
 
-    async def _wait_for_quota(self, role: Role, name: str, group: Group) -> None:
-        """Wait while every quota of the group is paused; stop if it outlasts the run."""
-        quotas = self._quotas_of(group)
+    async def _wait_for_quota(
+        self, role: Role, name: str, group: Group, quotas: list[str] | None = None
+    ) -> None:
+        """Wait while every quota of the group (or of ``quotas``) is paused;
+        stop if it outlasts the run."""
+        quotas = quotas if quotas is not None else self._quotas_of(group)
         pause = self._gates.pause_any(quotas)
         if pause <= 0:
             return
@@ -601,12 +632,20 @@ class ModelClient:
             cut_by_budget = remaining is not None and remaining < timeout
             return min(timeout, remaining) if cut_by_budget and remaining else timeout
 
+        def until_taken() -> float | None:
+            # Before its slots are taken a call is not at the server: only the
+            # run's time bounds it (the waits themselves end with it too).
+            nonlocal cut_by_budget
+            remaining = self.budget.remaining_s()
+            cut_by_budget = remaining is not None
+            return None if remaining is None else max(remaining, 0.0)
+
         session = await session_for_this_loop()
         token = current_ticket().set(ticket)
         try:
             # asyncio.timeout, not wait_for: it runs the call in this task
             # rather than a new one, one event-loop hop less per call.
-            async with asyncio.timeout(deadline()) as scope:
+            async with asyncio.timeout(deadline() if ticket.held else until_taken()) as scope:
                 loop = asyncio.get_running_loop()
                 ticket.on_taken = lambda: scope.reschedule(loop.time() + deadline())
                 return await self.router.acompletion(
@@ -669,6 +708,11 @@ class ModelClient:
         """Seconds until some deployment of group ``name`` has an open quota."""
         quotas = self._quotas_of(self.table.groups[name])
         return lambda: self._gates.pause_any(quotas)
+
+    def _quotas_chosen(self, group: Group, metadata: dict[str, Any]) -> list[str]:
+        """The quota of the deployment the Router chose, once it has; else the group's."""
+        deployment = self._deployment_of(metadata)
+        return [deployment.quota] if deployment is not None else self._quotas_of(group)
 
     def _quotas_of(self, group: Group) -> list[str]:
         return [self.table.deployments[d].quota for d in group.deployments]
@@ -964,6 +1008,27 @@ def _spare(concurrency: int) -> int:
     """Calls allowed past admission beyond ``concurrency``, preparing the next
     request while ``concurrency`` are at the server (see _wire)."""
     return max(2, concurrency // 2)
+
+
+def _may_wait_at_wire(group: Group, router_settings: Mapping[str, Any]) -> bool:
+    """Whether the group's calls may wait for their slots at the wire.
+
+    LiteLLM's Router caps the calls in progress at each deployment from the
+    moment it is called: at ``max_parallel_requests``, else at its ``rpm``,
+    else at 6 per 1,000 ``tpm``, else at ``default_max_parallel_requests``.
+    Calls waiting at the wire would fill that cap and the Router would refuse
+    the rest; a group with any of these takes its slots before each call.
+    """
+    if router_settings.get("default_max_parallel_requests"):
+        return False
+    return not (group.max_parallel or group.rpm or group.tpm)
+
+
+def _never_left(exc: BaseException) -> bool:
+    """Whether a call that ended with ``exc`` unseen at the wire surely sent nothing."""
+    return _refused_locally(exc) or isinstance(
+        exc, (asyncio.CancelledError, TimeoutError, BudgetExceeded)
+    )
 
 
 def _refused_locally(exc: BaseException) -> bool:

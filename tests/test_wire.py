@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 import pytest
@@ -52,25 +53,70 @@ async def test_the_server_never_holds_more_than_the_concurrency(caplog):
         assert len(server.requests) == 30
 
 
-async def test_a_group_parallel_limit_holds_at_the_wire(caplog, tmp_path):
+def router_client(tmp_path, server: FakeOpenAIServer, extra: str, **settings) -> ModelClient:
     config = tmp_path / "router.yaml"
-    with FakeOpenAIServer(lambda r: Reply(content="x", latency_s=0.05)) as server:
-        config.write_text(
-            "model_list:\n"
-            "  - model_name: worker\n"
-            "    litellm_params:\n"
-            "      model: openai/fake-model\n"
-            f"      api_base: {server.api_base}\n"
-            "      api_key: sk-fake-key-for-tests\n"
-            "      max_parallel_requests: 2\n"
+    config.write_text(
+        "model_list:\n  - model_name: worker\n    litellm_params:\n"
+        "      model: openai/fake-model\n"
+        f"      api_base: {server.api_base}\n      api_key: sk-fake-key-for-tests\n" + extra
+    )
+    return ModelClient(RunConfig(router_config=str(config), context_window=4096, **settings))
+
+
+async def test_a_group_parallel_limit_holds_and_the_router_refuses_nothing(tmp_path):
+    # LiteLLM's Router counts max_parallel_requests from the moment it is
+    # called: calls waiting at the wire would fill it and it would refuse the
+    # rest (RateLimitError, counted as sent). Such a group takes its slots first.
+    with FakeOpenAIServer(lambda r: Reply(content="x", latency_s=0.1)) as server:
+        client = router_client(
+            tmp_path, server, "      max_parallel_requests: 2\n", concurrency=8, max_retries=0
         )
-        client = ModelClient(RunConfig(
-            router_config=str(config), context_window=4096, concurrency=8,
-        ))
+        await client.complete("worker", ask(-1), max_tokens=8)
+        server.reset()
+        results = await asyncio.gather(
+            *(client.complete("worker", ask(i), max_tokens=8) for i in range(12)),
+            return_exceptions=True,
+        )
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        assert server.max_in_flight == 2
+        assert client.budget.calls == 1 + len(server.requests) == 13
+
+
+async def test_a_paced_group_takes_its_slots_first_and_its_pace_is_no_timeout(tmp_path, caplog):
+    # The Router caps a deployment with rpm 60 at 60 calls in progress; the
+    # group takes its slots before each call, so nothing waits inside it.
+    with FakeOpenAIServer(lambda r: Reply(content="x", latency_s=0.05)) as server:
+        client = router_client(
+            tmp_path, server, "      rpm: 60\n      timeout: 1\n", concurrency=8, max_retries=0
+        )
+        with caplog.at_level(logging.DEBUG, logger="rlm_graph.models"):
+            await client.complete("worker", ask(-1), max_tokens=8)
+        assert WIRE_LOG not in caplog.text
+        server.reset()
+        results = await asyncio.gather(
+            *(client.complete("worker", ask(i), max_tokens=8) for i in range(12)),
+            return_exceptions=True,
+        )
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        assert client.usage.timed_out_calls == 0
+        assert client.budget.calls == 13 == 1 + len(server.requests)
+
+
+async def test_a_long_queue_at_the_wire_is_no_timeout(caplog):
+    # One slot, 0.45 s per request, a 0.5 s timeout: the last of 14 calls
+    # waits about 6 s, past the timeout and the 5 s margin of the call's own
+    # scope. Only the time at the server counts.
+    with FakeOpenAIServer(lambda r: Reply(content="x", latency_s=0.45)) as server:
+        client = client_for(server, concurrency=1, timeout_s=0.5, max_retries=0)
         await warm(client, caplog)
         server.reset()
-        await asyncio.gather(*(client.complete("worker", ask(i), max_tokens=8) for i in range(16)))
-        assert server.max_in_flight == 2
+        results = await asyncio.gather(
+            *(client.complete("worker", ask(i), max_tokens=8) for i in range(14)),
+            return_exceptions=True,
+        )
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        assert client.usage.timed_out_calls == 0
+        assert len(server.requests) == 14
 
 
 async def test_waiting_for_a_slot_is_not_a_timeout(caplog):
@@ -173,3 +219,93 @@ def test_the_session_is_closed_when_its_loop_ends():
 
 async def test_one_session_per_loop():
     assert await session_for_this_loop() is await session_for_this_loop()
+
+
+async def test_a_call_cancelled_while_waiting_at_the_wire_is_not_counted(caplog):
+    with FakeOpenAIServer(lambda r: Reply(content="x", latency_s=0.5)) as server:
+        client = client_for(server, concurrency=1)
+        await warm(client, caplog)
+        server.reset()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="rlm_graph.models"):
+            tasks = [
+                asyncio.create_task(client.complete("worker", ask(i), max_tokens=8))
+                for i in range(3)
+            ]
+            await asyncio.sleep(0.2)
+            tasks[1].cancel()
+            tasks[2].cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # The group still takes its slots at the wire: one more call, one more request.
+            await client.complete("worker", ask(9), max_tokens=8)
+        assert len(server.requests) == 2
+        assert client.budget.calls == 3
+        assert client.usage.calls == 3
+        assert "without passing the slots" not in caplog.text
+
+
+async def test_the_run_time_cutting_waits_at_the_wire_counts_no_unsent_call(caplog):
+    with FakeOpenAIServer(lambda r: Reply(content="x", latency_s=0.5)) as server:
+        client = client_for(server, concurrency=1, max_time_s=1.5)
+        await warm(client, caplog)
+        await asyncio.gather(
+            *(client.complete("worker", ask(i), max_tokens=8) for i in range(6)),
+            return_exceptions=True,
+        )
+        assert client.usage.calls == client.budget.calls == len(server.requests)
+        assert client.usage.timed_out_calls <= 1
+
+
+async def test_a_paced_group_does_not_hold_up_another_group(tmp_path):
+    with FakeOpenAIServer(lambda r: Reply(content="x", latency_s=0.05)) as a, \
+            FakeOpenAIServer(lambda r: Reply(content="y", latency_s=0.05)) as b:
+        config = tmp_path / "router.yaml"
+        config.write_text(
+            "model_list:\n"
+            "  - model_name: slow\n    litellm_params:\n      model: openai/fake-a\n"
+            f"      api_base: {a.api_base}\n      api_key: sk-fake-a\n      rpm: 60\n"
+            "  - model_name: fast\n    litellm_params:\n      model: openai/fake-b\n"
+            f"      api_base: {b.api_base}\n      api_key: sk-fake-b\n"
+            "roles: {root: slow, worker: fast, judge: slow}\n"
+        )
+        client = ModelClient(RunConfig(router_config=str(config), context_window=4096, concurrency=4))
+        await client.complete("root", ask("warm"), max_tokens=8)
+        await client.complete("worker", ask("warm"), max_tokens=8)
+        await asyncio.sleep(1.1)  # the slow group's bucket is full again
+        started = time.monotonic()
+        fast_done: list[float] = []
+
+        async def fast(i: int) -> None:
+            await client.complete("worker", ask(f"f{i}"), max_tokens=8)
+            fast_done.append(time.monotonic() - started)
+
+        slow = [client.complete("root", ask(f"s{i}"), max_tokens=8) for i in range(8)]
+        await asyncio.gather(*slow, *(fast(i) for i in range(8)))
+        # The slow group's eight calls take about 7 s at 60 rpm; the fast group's
+        # go out beside them, not after them.
+        assert max(fast_done) < 1.5, fast_done
+
+
+async def test_no_request_leaves_while_its_quota_is_paused(caplog):
+    times: list[float] = []
+    lock = threading.Lock()
+    state = {"armed": False, "limited": False}
+
+    def respond(request):
+        with lock:
+            times.append(time.monotonic())
+            if state["armed"] and not state["limited"]:
+                state["limited"] = True
+                return Reply(error="rate_limit", retry_after="2", latency_s=0.1)
+        return Reply(content="x", latency_s=0.1)
+
+    with FakeOpenAIServer(respond) as server:
+        client = client_for(server, concurrency=3)
+        await warm(client, caplog)
+        state["armed"] = True
+        times.clear()
+        await asyncio.gather(*(client.complete("worker", ask(i), max_tokens=8) for i in range(12)))
+        assert len(server.requests) == 1 + 1 + 12
+        limited_at = times[0] + 0.1
+        during_pause = [t - limited_at for t in times[1:] if limited_at + 0.05 < t < limited_at + 1.9]
+        assert during_pause == [], during_pause
