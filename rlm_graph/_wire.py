@@ -118,6 +118,10 @@ async def session_for_this_loop() -> Any:
     entry = _SESSIONS.get(loop)
     if entry is not None and not entry[0].closed:
         return entry[0]
+    # The entry holds its loop alive (its session refers to it): drop those of
+    # loops closed without shutting down their async generators.
+    for closed in [other for other in _SESSIONS if other.is_closed()]:
+        del _SESSIONS[closed]
     import aiohttp
 
     session = aiohttp.ClientSession(
@@ -129,17 +133,20 @@ async def session_for_this_loop() -> Any:
         trust_env=_trust_env(),
         middlewares=(_take_at_wire,),
     )
-    keeper = _close_at_loop_end(session)
+    keeper = _close_at_loop_end(loop, session)
     await keeper.__anext__()
     _SESSIONS[loop] = (session, keeper)
     return session
 
 
-async def _close_at_loop_end(session: Any) -> AsyncIterator[None]:
+async def _close_at_loop_end(
+    loop: asyncio.AbstractEventLoop, session: Any
+) -> AsyncIterator[None]:
     """Suspended for the loop's life; its shutdown of async generators closes it."""
     try:
         yield
     finally:
+        _SESSIONS.pop(loop, None)
         await session.close()
 
 

@@ -217,6 +217,18 @@ def test_the_session_is_closed_when_its_loop_ends():
     assert session.closed
 
 
+def test_loops_that_ended_leave_no_session_behind():
+    from rlm_graph import _wire
+
+    async def main() -> None:
+        await session_for_this_loop()
+
+    for _ in range(3):
+        asyncio.run(main())
+    # Each entry would hold its loop (and the session) alive.
+    assert not [loop for loop in _wire._SESSIONS if loop.is_closed()]
+
+
 async def test_one_session_per_loop():
     assert await session_for_this_loop() is await session_for_this_loop()
 
