@@ -216,8 +216,8 @@ class ModelClient:
         self._at_wire: set[str] = set()
         """Groups whose calls take their slots when the request leaves (_wire)."""
         self._never_at_wire: set[str] = {
-            name for name, group in self.table.groups.items()
-            if not _may_wait_at_wire(group, self.table.router_settings)
+            name for name in self.table.groups
+            if not _may_wait_at_wire(name, self.table.model_list, self.table.router_settings)
         }
         self._gates = QuotaGates()
         self._group_limits = {name: _GroupLimits(g) for name, g in self.table.groups.items()}
@@ -647,7 +647,12 @@ class ModelClient:
             # rather than a new one, one event-loop hop less per call.
             async with asyncio.timeout(deadline() if ticket.held else until_taken()) as scope:
                 loop = asyncio.get_running_loop()
-                ticket.on_taken = lambda: scope.reschedule(loop.time() + deadline())
+
+                def restart_timeout() -> None:
+                    if not scope.expired():
+                        scope.reschedule(loop.time() + deadline())
+
+                ticket.on_taken = restart_timeout
                 return await self.router.acompletion(
                     model=name, messages=messages, metadata=metadata,
                     shared_session=session, **params,
@@ -1010,18 +1015,29 @@ def _spare(concurrency: int) -> int:
     return max(2, concurrency // 2)
 
 
-def _may_wait_at_wire(group: Group, router_settings: Mapping[str, Any]) -> bool:
-    """Whether the group's calls may wait for their slots at the wire.
+_ROUTER_CAPS = ("max_parallel_requests", "rpm", "tpm")
+
+
+def _may_wait_at_wire(
+    name: str, model_list: list[dict[str, Any]], router_settings: Mapping[str, Any]
+) -> bool:
+    """Whether the calls of group ``name`` may wait for their slots at the wire.
 
     LiteLLM's Router caps the calls in progress at each deployment from the
     moment it is called: at ``max_parallel_requests``, else at its ``rpm``,
     else at 6 per 1,000 ``tpm``, else at ``default_max_parallel_requests``.
     Calls waiting at the wire would fill that cap and the Router would refuse
-    the rest; a group with any of these takes its slots before each call.
+    the rest; a group with any of these on any deployment takes its slots
+    before each call.
     """
     if router_settings.get("default_max_parallel_requests"):
         return False
-    return not (group.max_parallel or group.rpm or group.tpm)
+    return not any(
+        entry.get("litellm_params", {}).get(cap)
+        for entry in model_list
+        if entry.get("model_name") == name
+        for cap in _ROUTER_CAPS
+    )
 
 
 def _never_left(exc: BaseException) -> bool:
@@ -1037,7 +1053,10 @@ def _refused_locally(exc: BaseException) -> bool:
 
     if isinstance(exc, litellm.RouterRateLimitError):
         return True
-    return "No deployments available" in str(exc)
+    text = str(exc)
+    # The second: the Router's own cap on a deployment's calls in progress
+    # (max_parallel_requests, or derived from its rpm/tpm), not a 429 of the server.
+    return "No deployments available" in text or "max_parallel_requests slots in use" in text
 
 
 def _is_transient(exc: BaseException) -> bool:

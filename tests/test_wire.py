@@ -321,3 +321,28 @@ async def test_no_request_leaves_while_its_quota_is_paused(caplog):
         limited_at = times[0] + 0.1
         during_pause = [t - limited_at for t in times[1:] if limited_at + 0.05 < t < limited_at + 1.9]
         assert during_pause == [], during_pause
+
+
+async def test_a_group_with_one_limited_deployment_refuses_nothing_and_counts_only_sent(tmp_path):
+    # Found by a user test: the group's summed rpm is "no limit" when one
+    # deployment has none, but the Router still caps the other deployment's
+    # calls in progress (at its rpm) and refused calls waiting at the wire;
+    # those refusals were counted as sent calls.
+    with FakeOpenAIServer(lambda r: Reply(content="x", latency_s=0.1)) as server:
+        config = tmp_path / "router.yaml"
+        config.write_text(
+            "model_list:\n"
+            "  - model_name: worker\n    litellm_params:\n      model: openai/d1\n"
+            f"      api_base: {server.api_base}\n      api_key: sk-fake-1\n      rpm: 2\n"
+            "  - model_name: worker\n    litellm_params:\n      model: openai/d2\n"
+            f"      api_base: {server.api_base}\n      api_key: sk-fake-2\n"
+        )
+        client = ModelClient(RunConfig(router_config=str(config), context_window=4096, concurrency=8))
+        await client.complete("worker", ask(-1), max_tokens=8)
+        server.reset()
+        results = await asyncio.gather(
+            *(client.complete("worker", ask(i), max_tokens=8) for i in range(16)),
+            return_exceptions=True,
+        )
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        assert client.budget.calls == client.usage.calls == 1 + len(server.requests)
