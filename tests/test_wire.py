@@ -119,21 +119,6 @@ async def test_a_long_queue_at_the_wire_is_no_timeout(caplog):
         assert len(server.requests) == 14
 
 
-async def test_waiting_for_a_slot_is_not_a_timeout(caplog):
-    # One slot, 0.4 s per request, a 1 s timeout: the last of five calls waits
-    # 1.6 s for its slot. Only the time at the server counts against it.
-    with FakeOpenAIServer(lambda r: Reply(content="x", latency_s=0.4)) as server:
-        client = client_for(server, concurrency=1, timeout_s=1.0, max_retries=0)
-        await warm(client, caplog)
-        server.reset()
-        replies = await asyncio.gather(
-            *(client.complete("worker", ask(i), max_tokens=8) for i in range(5))
-        )
-        assert [r.text for r in replies] == ["x"] * 5
-        assert len(server.requests) == 5
-        assert client.usage.timed_out_calls == 0
-
-
 async def test_a_budget_reached_while_waiting_at_the_wire_stops_cleanly(caplog):
     with FakeOpenAIServer(lambda r: Reply(content="x", latency_s=0.1)) as server:
         client = client_for(server, concurrency=2, max_calls=5)
