@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rlm_graph import ConfigError
 
 __all__ = [
+    "split_settings",
     "PROGRESS_EVENT",
     "AsyncProgressRelay",
     "RlmGraphInput",
@@ -156,3 +157,39 @@ def blocking(coroutine: Coroutine[Any, Any, _T]) -> _T:
         return asyncio.run(coroutine)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(asyncio.run, coroutine).result()
+
+
+_PER_CALL = frozenset({"run_id", "text", "on_event", "question", "paths"})
+"""Arguments of :func:`rlm_graph.arun` that belong to one call, not to a component."""
+
+
+def split_settings(
+    component: type[BaseModel], kwargs: dict[str, Any], *, unknown_are_settings: bool = True
+) -> dict[str, Any]:
+    """The keywords of a LangChain component, with every RunConfig field in ``settings``.
+
+    Unknown keywords are RunConfig fields (if ``unknown_are_settings``); a
+    field of the component's own given inside ``settings``
+    (``settings={"store": ...}``) is taken as that field.
+
+    Raises:
+        ValueError: an argument that belongs to one call (``run_id``, ``text``)
+            was given as a setting of every call.
+    """
+    fields = component.model_fields
+    own = set(fields) | {f.alias for f in fields.values() if f.alias}
+    settings = (
+        {k: kwargs.pop(k) for k in list(kwargs) if k not in own} if unknown_are_settings else {}
+    )
+    given = dict(kwargs.get("settings") or {})
+    for key in own & given.keys():
+        kwargs.setdefault(key, given.pop(key))
+    fixed = sorted(_PER_CALL & (given.keys() | settings.keys()))
+    if fixed:
+        raise ValueError(
+            f"{component.__name__}: {', '.join(fixed)} cannot be a setting of every call "
+            "(each call is its own run, on the question and sources it is given); "
+            "leave it out"
+        )
+    kwargs["settings"] = {**given, **settings}
+    return kwargs

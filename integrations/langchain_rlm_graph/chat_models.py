@@ -13,7 +13,12 @@ from langchain_core.messages import AIMessage, BaseMessage, convert_to_openai_me
 from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import ConfigDict, Field
 
-from langchain_rlm_graph._common import AsyncProgressRelay, SyncProgressRelay, blocking
+from langchain_rlm_graph._common import (
+    AsyncProgressRelay,
+    SyncProgressRelay,
+    blocking,
+    split_settings,
+)
 from rlm_graph import Result, RunConfig, arun
 from rlm_graph.chat import answer_text, question_from_messages
 
@@ -56,6 +61,10 @@ class ChatRlmGraph(BaseChatModel):
     store: str | None = None
     """Where runs are recorded (SQLite file or PostgreSQL URL); None:
     ``$RLM_GRAPH_STORE``, else the per-user store."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        """Create the chat model; a field given inside ``settings`` is taken as the field."""
+        super().__init__(**split_settings(type(self), kwargs, unknown_are_settings=False))
 
     @property
     def _llm_type(self) -> str:

@@ -17,6 +17,7 @@ from langchain_rlm_graph._common import (
     SyncProgressRelay,
     blocking,
     parse_input,
+    split_settings,
 )
 from rlm_graph import Result, RunConfig, arun
 
@@ -52,9 +53,7 @@ class RlmGraphRunnable(RunnableSerializable[RlmGraphInput | dict[str, Any], Resu
 
     def __init__(self, **kwargs: Any) -> None:
         """Create the runnable; unknown keywords are :class:`~rlm_graph.RunConfig` fields."""
-        own = set(type(self).model_fields)
-        settings = {k: kwargs.pop(k) for k in list(kwargs) if k not in own}
-        kwargs["settings"] = {**kwargs.get("settings", {}), **settings}
+        kwargs = split_settings(type(self), kwargs)
         super().__init__(**kwargs)
 
     @property

@@ -19,6 +19,7 @@ from langchain_rlm_graph._common import (
     SyncProgressRelay,
     blocking,
     check_paths,
+    split_settings,
 )
 from rlm_graph import Result, RlmGraphError, RunConfig, arun
 from rlm_graph.chat import answer_text
@@ -84,9 +85,7 @@ class RlmGraphTool(BaseTool):
 
     def __init__(self, **kwargs: Any) -> None:
         """Create the tool; unknown keywords are :class:`~rlm_graph.RunConfig` fields."""
-        own = set(type(self).model_fields)
-        settings = {k: kwargs.pop(k) for k in list(kwargs) if k not in own}
-        kwargs["settings"] = {**kwargs.get("settings", {}), **settings}
+        kwargs = split_settings(type(self), kwargs)
         super().__init__(**kwargs)
 
     def _run(

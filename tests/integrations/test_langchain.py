@@ -262,3 +262,33 @@ def test_tool_returns_a_store_error_to_the_agent_instead_of_raising(scripted, tm
     assert "is not an rlm-graph store" in message
     assert double.requests == []
     assert not_a_store.read_text(encoding="utf-8") == "these are my notes, not a database\n"
+
+
+async def test_a_store_given_among_the_settings_is_the_tools_store(scripted, book, tmp_path):
+    scripted(text_reply(r"The secret code word is (\w+)\."))
+    store = tmp_path / "runs.sqlite"
+    tool = RlmGraphTool(root_dir=book.parent, settings={"store": str(store), **SETTINGS})
+    assert tool.store == str(store)
+    assert "store" not in tool.settings
+    _, result = await tool._arun("What is the secret code word?", paths=["book.txt"])
+    assert result.answer.startswith("HELIOTROPE")
+    assert store.exists()
+
+
+@pytest.mark.parametrize("key", ["run_id", "text"])
+def test_a_per_call_argument_as_a_setting_is_refused_clearly(key):
+    with pytest.raises(ValueError, match=f"{key} cannot be a setting of every call"):
+        RlmGraphTool(**{key: "x"}, **SETTINGS)
+
+
+def test_the_chat_model_and_the_runnable_take_a_store_from_their_settings(tmp_path):
+    from langchain_rlm_graph import ChatRlmGraph, RlmGraphRunnable
+
+    store = str(tmp_path / "runs.sqlite")
+    chat = ChatRlmGraph(model_name="scripted/m", settings={"store": store, "context_window": 4096})
+    runnable = RlmGraphRunnable(settings={"store": store}, **SETTINGS)
+    assert chat.store == runnable.store == store
+    assert chat.model == "scripted/m"
+    assert "store" not in chat.settings and "store" not in runnable.settings
+    with pytest.raises(ValueError, match="ChatRlmGraph: run_id cannot be a setting"):
+        ChatRlmGraph(settings={"run_id": "x"})
