@@ -181,23 +181,13 @@ def id_lines(request: ModelRequest) -> str:
 
 def test_cli_says_which_filter_skipped_how_many_parts(scripted, tmp_path):
     scripted(id_lines)
-    source = log_file(tmp_path)
-    common = (
-        "-q",
-        ID_Q,
-        "--model",
-        "scripted/m",
-        "--context-window",
-        "4096",
-        "--chunk-tokens",
-        "400",
-        "--store",
-        "memory",
-    )
+    common = ("--chunk-tokens", "400", "--store", "memory")
 
-    by_model = cli("run", source, *common, "--planner", "model")
-    as_json = cli("run", source, *common, "--planner", "model", "--json")
-    by_flag = cli("run", source, *common, "--planner", "rules", "--filter", "id=1003")
+    by_model = run_on_log(tmp_path, ID_Q, *common, "--planner", "model")
+    as_json = run_on_log(tmp_path, ID_Q, *common, "--planner", "model", "--json")
+    by_flag = run_on_log(
+        tmp_path, ID_Q, *common, "--planner", "rules", "--filter", "id=1003"
+    )
 
     assert by_model.exit_code == 0, by_model.output
     said = re.search(
@@ -241,24 +231,10 @@ def test_no_skip_note_without_a_filter(scripted, tmp_path):
 
 def test_empty_filter_flag_means_no_filter_and_beats_the_models(scripted, tmp_path):
     double = scripted(id_lines)
-    source = log_file(tmp_path)
-    common = (
-        "-q",
-        ID_Q,
-        "--model",
-        "scripted/m",
-        "--context-window",
-        "4096",
-        "--chunk-tokens",
-        "400",
-        "--planner",
-        "model",
-        "--filter",
-        "",
-    )
+    common = ("--chunk-tokens", "400", "--planner", "model", "--filter", "")
 
-    dry = cli("run", source, *common, "--dry-run")
-    run = cli("run", source, *common, "--json")
+    dry = run_on_log(tmp_path, ID_Q, *common, "--dry-run")
+    run = run_on_log(tmp_path, ID_Q, *common, "--json")
 
     assert dry.exit_code == 0, dry.output
     assert (
